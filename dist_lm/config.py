@@ -1,0 +1,205 @@
+"""The one typed configuration of a training run, its presets, and its command line.
+
+Precedence, lowest to highest: field defaults < the model preset named by --model <
+a JSON file given with --config (for example a run's own config.json) < explicit flags.
+Every field's `help` is its documentation and its `--help` text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
+
+from .errors import UsageError
+
+
+def opt(default: Any, help: str, choices: Optional[tuple] = None) -> Any:  # noqa: A002
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class DataConfig:
+    data_dir: Optional[str] = opt(
+        None, "directory with wiki.{train,valid,test}.tokens (WikiText) or "
+        "ptb.{train,valid,test}.txt (PTB)")
+    train_file: Optional[str] = opt(None, "training text; overrides --data-dir's train split")
+    valid_file: Optional[str] = opt(None, "validation text; overrides --data-dir's valid split")
+    test_file: Optional[str] = opt(None, "test text; overrides --data-dir's test split")
+    download: Optional[str] = opt(
+        None, "fetch this dataset into --data-dir when a split is missing, verified by sha1",
+        choices=("wikitext-2", "wikitext-103"))
+    min_freq: int = opt(1, "drop words seen fewer times than this in the training split")
+    max_vocab: Optional[int] = opt(None, "keep at most this many words (most frequent first)")
+
+
+@dataclass
+class ModelConfig:
+    model: str = opt("standard_lstm_lm_200", "model preset (GluonNLP zoo name) or 'custom'")
+    family: str = opt("standard", "'standard' (StandardRNN) or 'awd' (AWDRNN) layout",
+                      choices=("standard", "awd"))
+    embed_size: int = opt(200, "embedding size")
+    hidden_size: int = opt(200, "LSTM hidden size")
+    num_layers: int = opt(2, "LSTM layers")
+    tie_weights: bool = opt(True, "share the embedding matrix with the decoder")
+    dropout: float = opt(0.2, "dropout on the embedding, between layers and on the output")
+    weight_drop: float = opt(0.0, "DropConnect on the hidden-to-hidden weights (AWD)")
+    drop_h: float = opt(0.0, "dropout between LSTM layers, per time step mask (AWD)")
+    drop_i: float = opt(0.0, "dropout on the embedded input, per time step mask (AWD)")
+    drop_e: float = opt(0.0, "drop whole embedding rows (words) (AWD)")
+
+
+@dataclass
+class OptimConfig:
+    optimizer: str = opt("sgd", "optimizer", choices=("sgd", "adam"))
+    lr: float = opt(20.0, "learning rate (for the global batch; see --lr-scaling)")
+    momentum: float = opt(0.0, "SGD momentum")
+    wd: float = opt(0.0, "weight decay")
+    clip: float = opt(0.25, "clip the global gradient norm to this; 0 disables clipping")
+    lr_decay: float = opt(0.25, "multiply the lr by this when validation loss stops improving")
+
+
+@dataclass
+class RunConfig:
+    batch_size: int = opt(20, "BPTT columns per process (per rank under Horovod)")
+    eval_batch_size: Optional[int] = opt(
+        None, "evaluation columns per process (default: --batch-size)")
+    bptt: int = opt(35, "time steps per batch")
+    epochs: int = opt(3, "passes over the training split")
+    max_steps: Optional[int] = opt(None, "stop after this many optimizer steps in all")
+    log_interval: int = opt(200, "steps between log lines")
+    seed: int = opt(1, "random seed (parameters, dropout)")
+    eval_first: bool = opt(False, "evaluate the validation split once before training")
+    context: str = opt("auto", "'cpu', 'gpu' or 'gpu:N', or 'auto' (a GPU when present)")
+    run_dir: Optional[str] = opt(None, "where the run writes its files (default: runs/<model>)")
+
+
+GROUPS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "run": RunConfig}
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict, source: str = "config") -> "Config":
+        """Builds a Config from nested dicts, refusing unknown groups and keys."""
+        if not isinstance(raw, dict):
+            raise UsageError(f"{source}: expected a JSON object")
+        unknown = set(raw) - set(GROUPS)
+        if unknown:
+            raise UsageError(f"{source}: unknown section(s) {sorted(unknown)}")
+        parts = {}
+        for group, klass in GROUPS.items():
+            values = raw.get(group, {})
+            names = {f.name for f in dataclasses.fields(klass)}
+            bad = set(values) - names
+            if bad:
+                raise UsageError(f"{source}: unknown key(s) {sorted(bad)} in '{group}'")
+            parts[group] = klass(**values)
+        return cls(**parts)
+
+    def validate(self) -> "Config":
+        """Checks values a user can get wrong; raises UsageError with one line."""
+        r, m, o, d = self.run, self.model, self.optim, self.data
+        for name, value in [("--batch-size", r.batch_size), ("--bptt", r.bptt),
+                            ("--epochs", r.epochs), ("--log-interval", r.log_interval),
+                            ("--embed-size", m.embed_size), ("--hidden-size", m.hidden_size),
+                            ("--num-layers", m.num_layers), ("--min-freq", d.min_freq)]:
+            if value <= 0:
+                raise UsageError(f"{name} must be a positive integer, got {value}")
+        for name, value in [("--eval-batch-size", r.eval_batch_size),
+                            ("--max-steps", r.max_steps), ("--max-vocab", d.max_vocab)]:
+            if value is not None and value <= 0:
+                raise UsageError(f"{name} must be a positive integer, got {value}")
+        for name, value in [("--dropout", m.dropout), ("--weight-drop", m.weight_drop),
+                            ("--drop-h", m.drop_h), ("--drop-i", m.drop_i),
+                            ("--drop-e", m.drop_e)]:
+            if not 0.0 <= value < 1.0:
+                raise UsageError(f"{name} must be in [0, 1), got {value}")
+        for name, value in [("--lr", o.lr), ("--lr-decay", o.lr_decay)]:
+            if not (math.isfinite(value) and value > 0):
+                raise UsageError(f"{name} must be a positive number, got {value}")
+        for name, value in [("--clip", o.clip), ("--momentum", o.momentum), ("--wd", o.wd)]:
+            if not (math.isfinite(value) and value >= 0):
+                raise UsageError(f"{name} must be a non-negative number, got {value}")
+        if m.tie_weights and m.embed_size != m.hidden_size and m.family == "standard":
+            raise UsageError("--tie-weights needs --embed-size equal to --hidden-size "
+                             f"(got {m.embed_size} and {m.hidden_size})")
+        from .model import PRESETS  # the model module owns the list of names
+        if m.model not in PRESETS and m.model != "custom":
+            raise UsageError(f"unknown model '{m.model}'; choose from "
+                             f"{', '.join(sorted(PRESETS))} or 'custom'")
+        if self.run.run_dir is None:
+            self.run.run_dir = os.path.join("runs", m.model)
+        if self.run.eval_batch_size is None:
+            self.run.eval_batch_size = self.run.batch_size
+        return self
+
+
+# --- command line -------------------------------------------------------------------------
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _base_type(tp: Any) -> Any:
+    if get_origin(tp) is Union:  # Optional[X]
+        return next(a for a in get_args(tp) if a is not type(None))
+    return tp
+
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    """Adds one flag per Config field; defaults are None so explicit flags can be told apart."""
+    parser.add_argument("--config", metavar="FILE", help="JSON config file (e.g. a run's "
+                        "config.json); flags given here override it")
+    for group, klass in GROUPS.items():
+        hints = get_type_hints(klass)
+        arg_group = parser.add_argument_group(group)
+        for f in dataclasses.fields(klass):
+            tp = _base_type(hints[f.name])
+            kwargs: dict = {"dest": f"{group}.{f.name}", "default": None,
+                            "help": f"{f.metadata['help']} (default: {f.default})"}
+            if tp is bool:
+                kwargs["action"] = argparse.BooleanOptionalAction
+            else:
+                kwargs["type"] = tp
+                kwargs["metavar"] = {int: "N", float: "X", str: "S"}[tp]
+                if f.metadata.get("choices"):
+                    kwargs["choices"] = f.metadata["choices"]
+                    kwargs.pop("metavar")
+            arg_group.add_argument(_flag(f.name), **kwargs)
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """Applies the precedence: defaults < preset < --config file < explicit flags."""
+    from .model import PRESETS
+    explicit = {k: v for k, v in vars(args).items() if "." in k and v is not None}
+    file_cfg: dict = {}
+    if getattr(args, "config", None):
+        try:
+            with open(args.config, encoding="utf-8") as fh:
+                file_cfg = json.load(fh)
+        except (OSError, ValueError) as err:
+            raise UsageError(f"cannot read --config {args.config}: {err}") from None
+        Config.from_dict(file_cfg, source=args.config)  # refuse unknown keys early
+    model_name = explicit.get("model.model") or file_cfg.get("model", {}).get("model") \
+        or ModelConfig().model
+    merged: dict = {"model": dict(PRESETS.get(model_name, {}), model=model_name)}
+    for group, values in file_cfg.items():
+        merged.setdefault(group, {}).update(values)
+    for key, value in explicit.items():
+        group, name = key.split(".")
+        merged.setdefault(group, {})[name] = value
+    return Config.from_dict(merged).validate()

@@ -1,0 +1,231 @@
+"""Corpora, vocabulary and the BPTT batch layout, sharded by columns across ranks.
+
+A corpus is read as GluonNLP's `CorpusDataset(skip_empty=False, bos=None, eos='<eos>',
+flatten=True)` reads it (the reference notebook's `WikiText2`): the text is split with
+`str.splitlines`, each line is stripped and split on whitespace, and every line, blank
+ones included, ends with one `<eos>`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from typing import Iterator, List, Optional, Tuple
+
+import numpy as np
+
+from .config import DataConfig
+from .errors import UsageError
+
+EOS = "<eos>"
+
+# Split file names per layout, in the order (train, valid, test).
+LAYOUTS = {
+    "wikitext": ("wiki.train.tokens", "wiki.valid.tokens", "wiki.test.tokens"),
+    "ptb": ("ptb.train.txt", "ptb.valid.txt", "ptb.test.txt"),
+}
+
+# The archives and per-file sha1 digests GluonNLP 0.10.0 checks
+# (gluonnlp/data/corpora/wikitext.py), fetched from MXNet's dataset repository
+# (`MXNET_GLUON_REPO` overrides its address, as it does for GluonNLP).
+DATASETS = {
+    "wikitext-2": {
+        "archive": ("wikitext-2-v1.zip", "3c914d17d80b1459be871a5039ac23e752a53cbe"),
+        "files": {"wiki.train.tokens": "863f29c46ef9d167fff4940ec821195882fe29d1",
+                  "wiki.valid.tokens": "0418625c8b4da6e4b5c7a0b9e78d4ae8f7ee5422",
+                  "wiki.test.tokens": "c7b8ce0aa086fb34dab808c5c49224211eb2b172"},
+    },
+    "wikitext-103": {
+        "archive": ("wikitext-103-v1.zip", "0aec09a7537b58d4bb65362fee27650eeaba625a"),
+        "files": {"wiki.train.tokens": "b7497e2dfe77e72cfef5e3dbc61b7b53712ac211",
+                  "wiki.valid.tokens": "c326ac59dc587676d58c422eb8a03e119582f92b",
+                  "wiki.test.tokens": "8a5befc548865cec54ed4273cf87dbbad60d1e47"},
+    },
+}
+
+
+@dataclass
+class Splits:
+    train: Optional[str]
+    valid: Optional[str]
+    test: Optional[str]
+
+
+def resolve_splits(cfg: DataConfig, need=("train", "valid", "test")) -> Splits:
+    """Finds the split files: explicit paths first, then the layout found in data_dir."""
+    names = ("train", "valid", "test")
+    explicit = {n: getattr(cfg, f"{n}_file") for n in names}
+    found = dict(explicit)
+    if cfg.data_dir is not None:
+        if not os.path.isdir(cfg.data_dir) and not cfg.download:
+            raise UsageError(f"--data-dir {cfg.data_dir}: no such directory")
+        layout = next((files for files in LAYOUTS.values()
+                       if any(os.path.exists(os.path.join(cfg.data_dir, f)) for f in files)),
+                      LAYOUTS["wikitext"])
+        for name, filename in zip(names, layout):
+            if found[name] is None:
+                found[name] = os.path.join(cfg.data_dir, filename)
+        missing = [found[n] for n in need if not os.path.exists(found[n])]
+        if missing and cfg.download:
+            download_dataset(cfg.download, cfg.data_dir)
+    for name in need:
+        path = found[name]
+        if path is None:
+            raise UsageError(f"no {name} split: give --{name}-file or --data-dir")
+        if not os.path.isfile(path):
+            hint = (" (or add --download wikitext-2 to fetch it)"
+                    if cfg.data_dir and not cfg.download else "")
+            raise UsageError(f"{name} split {path}: no such file; pass --{name}-file or "
+                             f"a --data-dir that holds it{hint}")
+    return Splits(**found)
+
+
+def download_dataset(name: str, data_dir: str) -> None:
+    """Fetches a WikiText archive into data_dir and verifies every file's sha1."""
+    from mxnet.gluon.utils import _get_repo_file_url, download
+
+    spec = DATASETS[name]
+    archive, archive_sha1 = spec["archive"]
+    url = _get_repo_file_url(f"gluon/dataset/{name}", archive)
+    os.makedirs(data_dir, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=data_dir, prefix=".download-") as tmp:
+        try:
+            path = download(url, path=os.path.join(tmp, archive), sha1_hash=archive_sha1,
+                            retries=1, verify_ssl=True)
+        except Exception as err:  # urllib/requests errors differ by version
+            raise UsageError(f"cannot download {name} from {url} ({type(err).__name__}: "
+                             f"{err}); put its files in {data_dir} by hand") from None
+        if not _sha1_ok(path, archive_sha1):
+            raise UsageError(f"downloaded {archive} has the wrong sha1; refusing it")
+        with zipfile.ZipFile(path) as zf:
+            for member in zf.namelist():
+                base = os.path.basename(member)
+                if base in spec["files"]:
+                    with zf.open(member) as src, open(os.path.join(tmp, base), "wb") as dst:
+                        shutil.copyfileobj(src, dst)
+        for base, digest in spec["files"].items():
+            staged = os.path.join(tmp, base)
+            if not os.path.exists(staged) or not _sha1_ok(staged, digest):
+                raise UsageError(f"{archive}: {base} is missing or has the wrong sha1")
+        for base in spec["files"]:
+            os.replace(os.path.join(tmp, base), os.path.join(data_dir, base))
+
+
+def _sha1_ok(path: str, digest: str) -> bool:
+    h = hashlib.sha1()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest() == digest
+
+
+def read_tokens(path: str) -> List[str]:
+    """Reads a corpus file into one flat token list, `<eos>` ending every line."""
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read()
+    except OSError as err:
+        raise UsageError(f"cannot read {path}: {err.strerror}") from None
+    if b"\0" in raw:
+        raise UsageError(f"{path} is a binary file, not text")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise UsageError(f"{path} is not UTF-8 text (bad byte at offset {err.start})") from None
+    tokens: List[str] = []
+    for line in text.splitlines():
+        tokens.extend(line.split())
+        tokens.append(EOS)
+    if not text.strip():
+        raise UsageError(f"{path} is empty (no words)")
+    return tokens
+
+
+def build_vocab(tokens: List[str], min_freq: int = 1, max_size: Optional[int] = None):
+    """The reference notebook's vocabulary: `<unk>` first, `<eos>` reserved, no pad/bos."""
+    import gluonnlp as nlp
+
+    return nlp.Vocab(nlp.data.Counter(tokens), max_size=max_size, min_freq=min_freq,
+                     padding_token=None, bos_token=None, eos_token=EOS)
+
+
+def vocab_to_json(vocab) -> str:
+    return vocab.to_json()
+
+
+def vocab_from_json(text: str):
+    import gluonnlp as nlp
+
+    return nlp.Vocab.from_json(text)
+
+
+def encode(tokens: List[str], vocab) -> np.ndarray:
+    """Token ids as int32 (unknown words map to `<unk>`), shape (len(tokens),)."""
+    return np.asarray(vocab[tokens], dtype=np.int32)
+
+
+# --- BPTT layout ------------------------------------------------------------------------
+#
+# The corpus, N tokens long, is cut into B = ranks x b columns of L = N // B tokens each
+# (the tail N - B*L is dropped, as CorpusBPTTBatchify(last_batch='discard') does), and the
+# columns are laid side by side. Column c is the contiguous slice corpus[c*L : (c+1)*L],
+# so a column reads on across batch boundaries and the hidden state carries over:
+#
+#               rank 0: columns 0..b-1      rank 1: columns b..2b-1
+#             +----+----+-----+--------+   +--------+-----+----------+
+#   t = 0     | w0 | wL | ... |        |   | wbL    | ... | w(B-1)L  |  \
+#   t = 1     | w1 |wL+1| ... |        |   |        | ... |          |   } batch 0: rows
+#    ...      |    |    |     |        |   |        |     |          |   } 0..bptt-1, targets
+#   t = bptt  |    |    |     |        |   |        |     |          |  /  rows 1..bptt
+#    ...      |    |    |     |        |   |        |     |          |     batch 1 starts
+#   t = L-1   |wL-1|w2L-1 ... |        |   |        | ... |  wBL-1   |     where batch 0
+#             +----+----+-----+--------+   +--------+-----+----------+     ended, ...
+#
+# Batch i is rows [i*bptt, (i+1)*bptt) as inputs and the same rows shifted by one as
+# targets; there are (L - 1) // bptt batches, the same number on every rank because L
+# depends only on N and B. Rank r's columns are the contiguous range
+# corpus[r*b*L : (r+1)*b*L], so a rank keeps only its own slice of the ids, and N ranks
+# with b columns each see exactly the batches one process with N*b columns sees.
+
+
+@dataclass
+class ColumnShard:
+    """One rank's columns of the layout: `ids` has shape (L, b)."""
+
+    ids: np.ndarray
+    bptt: int
+
+    @property
+    def num_batches(self) -> int:
+        return (self.ids.shape[0] - 1) // self.bptt
+
+    @property
+    def tokens_per_batch(self) -> int:
+        return self.bptt * self.ids.shape[1]
+
+    def batch(self, i: int) -> Tuple[np.ndarray, np.ndarray]:
+        """Inputs and targets of batch i, each (bptt, b)."""
+        rows = self.ids[i * self.bptt:(i + 1) * self.bptt + 1]
+        return rows[:-1], rows[1:]
+
+    def __iter__(self) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+        return (self.batch(i) for i in range(self.num_batches))
+
+
+def shard_columns(ids: np.ndarray, columns: int, rank: int, ranks: int, bptt: int,
+                  what: str = "corpus") -> ColumnShard:
+    """Rank `rank`'s `columns` columns of the layout of `ids` over ranks*columns columns."""
+    total = columns * ranks
+    length = len(ids) // total
+    if (length - 1) // bptt < 1:
+        raise UsageError(
+            f"the {what} has {len(ids)} tokens, too few for one batch of {total} columns x "
+            f"{bptt + 1} tokens ({total * (bptt + 1)} needed); use a smaller --batch-size "
+            f"or --bptt, or fewer ranks")
+    mine = ids[rank * columns * length:(rank + 1) * columns * length]
+    # (b, L) row-major is b contiguous columns; transposed to the (L, b) time-major layout.
+    return ColumnShard(np.ascontiguousarray(mine.reshape(columns, length).T), bptt)

@@ -1,0 +1,196 @@
+"""Everything distributed, in one place: the only module that imports Horovod.
+
+A `World` is this process's view of the job. `LocalWorld` is one process with no launcher
+and no Horovod; `HorovodWorld` is one rank of a job started by `horovodrun` (Gloo or MPI)
+or `mpirun`. The training code calls the same methods on either and never asks which.
+
+The gradient step, the part whose semantics the project owns:
+    1. every rank computes the gradient g_r of its *mean* token loss over its b columns;
+    2. `allreduce_grads()` leaves S * sum_r g_r on every rank, where S is 1 when the
+       Horovod build sums (Gloo, MPI, NCCL < 2.10: DistributedTrainer then divides by N in
+       `update()` through `rescale_grad`) and 1/N when it averages in the allreduce (NCCL
+       >= 2.10). `_average_factor` turns either into the mean gradient
+       g = (1/N) sum_r g_r, which is exactly the gradient of the mean loss over all N*b
+       columns, i.e. what one process with N*b columns computes;
+    3. the global norm ||g|| is computed on the device and the gradients are scaled by
+       min(1, clip / ||g||) on the device (no host sync);
+    4. `update(1)` applies the optimizer with DistributedTrainer's own rescaling.
+So N ranks with b columns take the same step as one process with N*b columns.
+`clip_mode='local'` instead clips each rank's own gradient before the allreduce, as the
+reference notebook does on one GPU.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, List, Optional
+
+import mxnet as mx
+from mxnet import gluon
+
+from .launcher_env import launched_by_horovod_or_mpi
+
+def global_norm(arrays: List[mx.nd.NDArray]) -> mx.nd.NDArray:
+    """sqrt(sum of squares) of all arrays, as a (1,) array on their device (no sync)."""
+    sum_sq = mx.nd.multi_sum_sq(*arrays, num_arrays=len(arrays))  # (len(arrays),)
+    return mx.nd.sqrt(mx.nd.sum(sum_sq)).reshape((1,))
+
+
+def scale_to_norm(arrays: List[mx.nd.NDArray], norm: mx.nd.NDArray, max_norm: float) -> None:
+    """Multiplies arrays in place by min(1, max_norm / norm), on the device."""
+    scale = mx.nd.minimum(max_norm / (norm + 1e-12), mx.nd.ones_like(norm))
+    for a in arrays:
+        a *= scale.as_in_context(a.context)
+
+
+class World:
+    rank = 0
+    size = 1
+    local_rank = 0
+    local_size = 1
+    backend = "local"
+
+    @property
+    def is_root(self) -> bool:
+        return self.rank == 0
+
+    def context(self, spec: str) -> mx.Context:
+        """The device for this rank: 'auto' is GPU local_rank when there are GPUs."""
+        gpus = mx.context.num_gpus()
+        if spec == "cpu" or (spec == "auto" and gpus == 0):
+            return mx.cpu()
+        if spec in ("auto", "gpu"):
+            if gpus == 0:
+                from .errors import UsageError
+                raise UsageError("--context gpu: no GPU is visible to MXNet")
+            return mx.gpu(self.local_rank % gpus)
+        if spec.startswith("gpu:"):
+            return mx.gpu(int(spec[4:]))
+        from .errors import UsageError
+        raise UsageError(f"--context must be auto, cpu, gpu or gpu:N, not '{spec}'")
+
+    # Overridden by HorovodWorld; the local versions are identities.
+    def make_trainer(self, params, optimizer: str, optimizer_params: dict) -> gluon.Trainer:
+        return gluon.Trainer(params, optimizer, optimizer_params, kvstore=None)
+
+    def _average_factor(self, trainer: gluon.Trainer) -> float:
+        return 1.0
+
+    def broadcast_params(self, params) -> None:
+        pass
+
+    def broadcast_object(self, obj: Any, name: str) -> Any:
+        return obj
+
+    def allgather_object(self, obj: Any, name: str) -> List[Any]:
+        return [obj]
+
+    def allreduce_sum(self, array: mx.nd.NDArray, name: str) -> mx.nd.NDArray:
+        return array
+
+    def barrier(self) -> None:
+        pass
+
+    def shutdown(self) -> None:
+        pass
+
+    def gradient_step(self, trainer: gluon.Trainer, grads: List[mx.nd.NDArray],
+                      clip: float, clip_mode: str) -> mx.nd.NDArray:
+        """Allreduce -> clip the mean gradient -> update (see the module docstring).
+
+        Returns the global norm of the mean gradient before clipping, (1,) on the device
+        (for clip_mode='local': of this rank's gradient).
+        """
+        if clip_mode == "local":
+            norm = global_norm(grads)
+            if clip:
+                scale_to_norm(grads, norm, clip)
+            trainer.step(1)
+            return norm
+        trainer.allreduce_grads()
+        factor = self._average_factor(trainer)
+        norm = global_norm(grads) * factor
+        if clip:
+            scale_to_norm(grads, norm, clip)
+        trainer.update(1)
+        return norm
+
+
+class LocalWorld(World):
+    """One process, no launcher: Horovod is not imported at all."""
+
+
+class HorovodWorld(World):
+    backend = "horovod"
+
+    def __init__(self) -> None:
+        import horovod.mxnet as hvd
+
+        self.hvd = hvd
+        if "OMPI_COMM_WORLD_RANK" in os.environ and "HOROVOD_GLOO_RENDEZVOUS_ADDR" not in \
+                os.environ:
+            # Started by mpirun: hand Horovod the communicator mpi4py initialised (with
+            # MPI_THREAD_MULTIPLE), so user code can use mpi4py beside Horovod.
+            from mpi4py import MPI
+
+            hvd.init(comm=MPI.COMM_WORLD)
+        else:
+            hvd.init()
+        self.rank, self.size = hvd.rank(), hvd.size()
+        self.local_rank, self.local_size = hvd.local_rank(), hvd.local_size()
+        self.controller = "gloo" if hvd.gloo_enabled() else "mpi"
+
+    def make_trainer(self, params, optimizer: str, optimizer_params: dict) -> gluon.Trainer:
+        return self.hvd.DistributedTrainer(params, optimizer, optimizer_params)
+
+    def _average_factor(self, trainer) -> float:
+        # DistributedTrainer sets _average_in_framework when the allreduce sums and
+        # update() divides by N; otherwise the allreduce already averaged.
+        if self.size > 1 and getattr(trainer, "_average_in_framework", True):
+            return 1.0 / self.size
+        return 1.0
+
+    def broadcast_params(self, params) -> None:
+        self.hvd.broadcast_parameters(params, root_rank=0)
+
+    def broadcast_object(self, obj: Any, name: str) -> Any:
+        return self.hvd.broadcast_object(obj, root_rank=0, name=name)
+
+    def allgather_object(self, obj: Any, name: str) -> List[Any]:
+        return self.hvd.allgather_object(obj, name=name)
+
+    def allreduce_sum(self, array: mx.nd.NDArray, name: str) -> mx.nd.NDArray:
+        return self.hvd.allreduce(array, name=name, op=self.hvd.Sum)
+
+    def barrier(self) -> None:
+        self.allreduce_sum(mx.nd.zeros((1,)), name="barrier").wait_to_read()
+
+    def shutdown(self) -> None:
+        self.hvd.shutdown()
+
+
+def make_world(backend: str = "auto") -> World:
+    """'auto': Horovod when a launcher started this process, else one local process."""
+    if backend == "local" or (backend == "auto" and not launched_by_horovod_or_mpi()):
+        return LocalWorld()
+    return HorovodWorld()
+
+
+def run_everywhere(world: World, fn: Callable[[], Any], what: str) -> Any:
+    """Runs fn on every rank and agrees on the outcome, so a bad input on one rank stops
+    all ranks with the same message instead of leaving the others in a collective.
+    Returns fn's result; raises the first rank's error (by rank order) on every rank."""
+    from .errors import UsageError
+
+    result, error = None, None
+    try:
+        result = fn()
+    except UsageError as err:
+        error = str(err)
+    errors = world.allgather_object(error, name=f"agree.{what}")
+    first: Optional[tuple] = next(((r, e) for r, e in enumerate(errors) if e), None)
+    if first is not None:
+        rank, message = first
+        prefix = f"rank {rank}: " if world.size > 1 and message != error else ""
+        raise UsageError(prefix + message)
+    return result

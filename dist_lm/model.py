@@ -1,0 +1,166 @@
+"""The LSTM language models: pure math, no I/O, no ranks, no Horovod.
+
+`LSTMLM` is the project's own HybridBlock for the GluonNLP zoo families. GluonNLP 0.10.0's
+`StandardRNN` calls `nd.Dropout` in its forward and so cannot be hybridized; this block
+computes the same function with `F.Dropout` and hybridizes. Its children carry the zoo's
+names (`embedding`, `encoder`, `decoder`), so `.params` files load across the two where
+the architectures match (see tests/test_model.py).
+
+Shapes (T = time steps, B = batch columns, V = vocabulary, E = embed, H = hidden):
+    inputs  (T, B) int token ids
+    states  standard: [h (L, B, H), c (L, B, H)]
+            awd:      [h_0, c_0, h_1, c_1, ...], each (1, B, H_l)
+    logits  (T, B, V)
+"""
+
+from __future__ import annotations
+
+from typing import List
+
+import mxnet as mx
+from mxnet.gluon import HybridBlock, nn, rnn
+
+from .config import ModelConfig
+
+# The GluonNLP model zoo's LSTM language models (gluonnlp/model/language_model.py).
+PRESETS = {
+    "standard_lstm_lm_200": dict(family="standard", embed_size=200, hidden_size=200,
+                                 num_layers=2, tie_weights=True, dropout=0.2),
+    "standard_lstm_lm_650": dict(family="standard", embed_size=650, hidden_size=650,
+                                 num_layers=2, tie_weights=True, dropout=0.5),
+    "standard_lstm_lm_1500": dict(family="standard", embed_size=1500, hidden_size=1500,
+                                  num_layers=2, tie_weights=True, dropout=0.65),
+    "awd_lstm_lm_600": dict(family="awd", embed_size=200, hidden_size=600, num_layers=3,
+                            tie_weights=True, dropout=0.2, weight_drop=0.2, drop_h=0.1,
+                            drop_i=0.3, drop_e=0.05),
+    "awd_lstm_lm_1150": dict(family="awd", embed_size=400, hidden_size=1150, num_layers=3,
+                             tie_weights=True, dropout=0.4, weight_drop=0.5, drop_h=0.2,
+                             drop_i=0.65, drop_e=0.1),
+}
+
+
+class _RowDropEmbedding(nn.Embedding):
+    """Embedding whose rows (whole words) are dropped with probability p while training."""
+
+    def __init__(self, vocab_size: int, embed_size: int, p: float, **kwargs):
+        super().__init__(vocab_size, embed_size, **kwargs)
+        self._p = p
+
+    def hybrid_forward(self, F, x, weight):
+        # weight (V, E): one Bernoulli draw per row, shared along axis 1.
+        weight = F.Dropout(weight, p=self._p, axes=(1,))
+        return super().hybrid_forward(F, x, weight)
+
+
+class _WeightDropLSTM(rnn.LSTM):
+    """One fused LSTM layer with DropConnect on its hidden-to-hidden weights (AWD-LSTM)."""
+
+    def __init__(self, hidden_size: int, input_size: int, p: float):
+        super().__init__(hidden_size, 1, input_size=input_size)
+        self._p = p
+
+    def hybrid_forward(self, F, inputs, states, sequence_length=None, **kwargs):
+        # l0_h2h_weight (4H, H): a fresh mask per forward, as in the AWD recipe.
+        kwargs["l0_h2h_weight"] = F.Dropout(kwargs["l0_h2h_weight"], p=self._p)
+        return super().hybrid_forward(F, inputs, states, sequence_length, **kwargs)
+
+
+class LSTMLM(HybridBlock):
+    """Embedding -> LSTM stack -> (tied) dense decoder, for both zoo families.
+
+    family='standard' is GluonNLP's StandardRNN: one fused multi-layer LSTM with `dropout`
+    on the embedding, between layers and (one mask per column) on the output.
+    family='awd' is GluonNLP's AWDRNN: one LSTM per layer, row dropout on the embedding
+    matrix (drop_e), time-shared masks on the input (drop_i), between layers (drop_h) and
+    on the output (dropout), DropConnect on h2h weights (weight_drop).
+    """
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int, **kwargs):
+        super().__init__(**kwargs)
+        self._family = cfg.family
+        self._dropout = cfg.dropout
+        self._drop_h = cfg.drop_h
+        self._num_layers = cfg.num_layers
+        awd = cfg.family == "awd"
+        # With tied weights the last layer must emit E features to meet the (V, E) decoder.
+        last = cfg.embed_size if cfg.tie_weights else cfg.hidden_size
+        with self.name_scope():
+            self.embedding = nn.HybridSequential()
+            with self.embedding.name_scope():
+                init = mx.init.Uniform(0.1)
+                if awd and cfg.drop_e:
+                    self.embedding.add(_RowDropEmbedding(vocab_size, cfg.embed_size,
+                                                         cfg.drop_e, weight_initializer=init))
+                else:
+                    self.embedding.add(nn.Embedding(vocab_size, cfg.embed_size,
+                                                    weight_initializer=init))
+                if awd and cfg.drop_i:
+                    self.embedding.add(nn.Dropout(cfg.drop_i, axes=(0,)))
+                elif not awd and cfg.dropout:
+                    self.embedding.add(nn.Dropout(cfg.dropout))
+            if awd:
+                self.encoder = nn.HybridSequential()
+                with self.encoder.name_scope():
+                    for layer in range(cfg.num_layers):
+                        n_in = cfg.embed_size if layer == 0 else cfg.hidden_size
+                        n_out = last if layer == cfg.num_layers - 1 else cfg.hidden_size
+                        if cfg.weight_drop:
+                            self.encoder.add(_WeightDropLSTM(n_out, n_in, cfg.weight_drop))
+                        else:
+                            self.encoder.add(rnn.LSTM(n_out, 1, input_size=n_in))
+            else:
+                self.encoder = rnn.LSTM(cfg.hidden_size, cfg.num_layers,
+                                        dropout=cfg.dropout, input_size=cfg.embed_size)
+            self.decoder = nn.HybridSequential()
+            with self.decoder.name_scope():
+                shared = self.embedding[0].params if cfg.tie_weights else None
+                self.decoder.add(nn.Dense(vocab_size, flatten=False, in_units=last,
+                                          params=shared))
+
+    def begin_state(self, batch_size: int, ctx: mx.Context) -> List[mx.nd.NDArray]:
+        """Zero states as one flat list (see the module docstring for shapes)."""
+        if self._family == "awd":
+            return [s for layer in self.encoder
+                    for s in layer.begin_state(batch_size, func=mx.nd.zeros, ctx=ctx)]
+        return self.encoder.begin_state(batch_size, func=mx.nd.zeros, ctx=ctx)
+
+    def hybrid_forward(self, F, inputs, states):
+        # inputs (T, B) -> embedded (T, B, E)
+        x = self.embedding(inputs)
+        if self._family == "awd":
+            out_states = []
+            for layer, lstm in enumerate(self.encoder):
+                x, (h, c) = lstm(x, states[2 * layer:2 * layer + 2])
+                out_states += [h, c]
+                if self._drop_h and layer < self._num_layers - 1:
+                    x = F.Dropout(x, p=self._drop_h, axes=(0,))
+        else:
+            x, out_states = self.encoder(x, states)
+        # x (T, B, H_last); one dropout mask per column, shared over time.
+        if self._dropout:
+            x = F.Dropout(x, p=self._dropout, axes=(0,))
+        return self.decoder(x), out_states
+
+
+def build_model(cfg: ModelConfig, vocab_size: int) -> LSTMLM:
+    return LSTMLM(cfg, vocab_size)
+
+
+class TokenLoss(HybridBlock):
+    """Mean next-token cross-entropy of a language model over a (T, B) batch.
+
+    Wrapping the model and the loss in one block lets one hybridized graph cover the
+    whole forward pass, so MXNet can plan its memory once (static_alloc/static_shape).
+    """
+
+    def __init__(self, model: LSTMLM, **kwargs):
+        super().__init__(**kwargs)
+        with self.name_scope():
+            self.model = model
+        self._ce = mx.gluon.loss.SoftmaxCrossEntropyLoss()
+
+    def hybrid_forward(self, F, inputs, targets, states):
+        logits, states = self.model(inputs, states)       # (T, B, V)
+        loss = self._ce(logits.reshape((-3, -1)),           # (T*B, V)
+                        targets.reshape((-1,)))             # (T*B,) -> per token (T*B,)
+        return loss.mean(), states                          # (1,)

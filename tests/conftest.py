@@ -1,0 +1,63 @@
+"""Shared test helpers: paths to the shared WikiText-2 splits, and a bounded CLI runner."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+WIKITEXT2 = REPO.parent / "shared" / "data" / "wikitext-2"
+VALID = WIKITEXT2 / "wiki.valid.tokens"
+TEST = WIKITEXT2 / "wiki.test.tokens"
+BIN = Path(sys.executable).parent
+
+
+def data_args(train=VALID, valid=TEST, test=TEST):
+    """The offline split: train on WikiText-2 valid, validate and test on its test split."""
+    return ["--train-file", str(train), "--valid-file", str(valid), "--test-file", str(test)]
+
+
+TINY = ["--model", "custom", "--embed-size", "32", "--hidden-size", "32", "--num-layers", "1",
+        "--context", "cpu"]
+
+
+def run(cmd, timeout=300, env=None, cwd=None):
+    """Runs cmd in its own process group; a timeout kills the whole group and fails."""
+    full_env = dict(os.environ, PATH=f"{BIN}:{os.environ.get('PATH', '')}",
+                    OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    full_env.update(env or {})
+    proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=full_env,
+                            cwd=cwd or REPO, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"timed out after {timeout}s: {cmd}\nstdout:\n{out}\nstderr:\n{err}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def dist_lm(*args, **kwargs):
+    return run([BIN / "dist-lm", *args], **kwargs)
+
+
+@pytest.fixture(scope="session")
+def heldout(tmp_path_factory):
+    """The first 400 lines (about 25k tokens) of the WikiText-2 test split: held-out text
+    that keeps each evaluation pass of the suite to a second or two."""
+    path = tmp_path_factory.mktemp("heldout") / "heldout.tokens"
+    with open(TEST, encoding="utf-8") as fh:
+        path.write_text("".join(fh.readlines()[:400]), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_data():
+    assert VALID.is_file() and TEST.is_file(), f"missing shared WikiText-2 files in {WIKITEXT2}"
+    return WIKITEXT2

@@ -5,7 +5,7 @@ VENV ?= .venv
 VARIANT ?= cpu
 DATA_DIR ?= ../shared/data/wikitext-2
 RUN_DIR ?= runs/wikitext2-2ranks
-NP ?= 1
+NP ?= 2
 EPOCHS ?= 2
 PYTEST_ARGS ?=
 export VENV VARIANT

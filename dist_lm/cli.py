@@ -16,7 +16,7 @@ import sys
 from typing import List, Optional
 
 from .config import add_config_args, config_from_args
-from .errors import UsageError
+from .errors import RanksOutOfSync, UsageError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -57,7 +57,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .dist import make_world
     from .train import train
 
-    world = make_world(args.dist)
+    world = make_world(args.dist, cfg.dist.fusion_threshold_mb, cfg.dist.cycle_time_ms)
     try:
         train(cfg, world)
     finally:
@@ -121,11 +121,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         return {"train": cmd_train, "eval": cmd_eval, "bench": cmd_bench}[args.command](args)
-    except UsageError as err:
+    except (UsageError, RanksOutOfSync) as err:
         rank = os.environ.get("HOROVOD_RANK", os.environ.get("OMPI_COMM_WORLD_RANK"))
         where = f"[rank {rank}] " if rank is not None else ""
         print(f"dist-lm: error: {where}{err}", file=sys.stderr, flush=True)
-        return UsageError.exit_code
+        return err.exit_code
 
 
 if __name__ == "__main__":

@@ -61,11 +61,25 @@ class OptimConfig:
     wd: float = opt(0.0, "weight decay")
     clip: float = opt(0.25, "clip the global gradient norm to this; 0 disables clipping")
     lr_decay: float = opt(0.25, "multiply the lr by this when validation loss stops improving")
+    clip_mode: str = opt(
+        "global", "'global': clip the norm of the gradient averaged over all ranks (the "
+        "same step as one process with the global batch); 'local': clip each rank's own "
+        "gradient before the allreduce, as the single-GPU reference loop does",
+        choices=("global", "local"))
+    lr_scaling: str = opt(
+        "none", "scale --lr with the number of ranks N: 'linear' (x N), 'sqrt' (x sqrt N) "
+        "or 'none'. Keep 'none' when --global-batch-size keeps the global batch fixed",
+        choices=("none", "linear", "sqrt"))
+    warmup_steps: int = opt(0, "raise the lr linearly from lr/steps to lr over this many "
+                               "steps (helps when --lr-scaling raises it)")
 
 
 @dataclass
 class RunConfig:
-    batch_size: int = opt(20, "BPTT columns per process (per rank under Horovod)")
+    batch_size: int = opt(20, "BPTT columns per process (per rank under Horovod); the "
+                              "global batch is ranks x this")
+    global_batch_size: Optional[int] = opt(
+        None, "BPTT columns over all ranks, split evenly (overrides --batch-size)")
     eval_batch_size: Optional[int] = opt(
         None, "evaluation columns per process (default: --batch-size)")
     bptt: int = opt(35, "time steps per batch")
@@ -78,7 +92,20 @@ class RunConfig:
     run_dir: Optional[str] = opt(None, "where the run writes its files (default: runs/<model>)")
 
 
-GROUPS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "run": RunConfig}
+@dataclass
+class DistConfig:
+    fp16_allreduce: bool = opt(False, "compress gradients to float16 for the allreduce")
+    fusion_threshold_mb: Optional[float] = opt(
+        None, "Horovod tensor fusion buffer in MiB (HOROVOD_FUSION_THRESHOLD; Horovod's "
+        "default 128)")
+    cycle_time_ms: Optional[float] = opt(
+        None, "Horovod background cycle in ms (HOROVOD_CYCLE_TIME; Horovod's default 1)")
+    check_sync_interval: int = opt(
+        0, "every N steps, check that all ranks hold bit-identical parameters (0: never)")
+
+
+GROUPS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "run": RunConfig,
+          "dist": DistConfig}
 
 
 @dataclass
@@ -87,6 +114,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -118,7 +146,14 @@ class Config:
                             ("--num-layers", m.num_layers), ("--min-freq", d.min_freq)]:
             if value <= 0:
                 raise UsageError(f"{name} must be a positive integer, got {value}")
+        if self.optim.warmup_steps < 0 or self.dist.check_sync_interval < 0:
+            raise UsageError("--warmup-steps and --check-sync-interval must be >= 0")
+        for name, value in [("--fusion-threshold-mb", self.dist.fusion_threshold_mb),
+                            ("--cycle-time-ms", self.dist.cycle_time_ms)]:
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise UsageError(f"{name} must be a positive number, got {value}")
         for name, value in [("--eval-batch-size", r.eval_batch_size),
+                            ("--global-batch-size", r.global_batch_size),
                             ("--max-steps", r.max_steps), ("--max-vocab", d.max_vocab)]:
             if value is not None and value <= 0:
                 raise UsageError(f"{name} must be a positive integer, got {value}")
@@ -145,6 +180,24 @@ class Config:
         if self.run.eval_batch_size is None:
             self.run.eval_batch_size = self.run.batch_size
         return self
+
+    def for_world(self, ranks: int) -> "Config":
+        """Resolves the options that depend on the number of ranks: a --global-batch-size
+        is split over the ranks, and the same global evaluation layout is kept."""
+        if self.run.global_batch_size is not None:
+            if self.run.global_batch_size % ranks:
+                raise UsageError(f"--global-batch-size {self.run.global_batch_size} does not "
+                                 f"split evenly over {ranks} ranks")
+            self.run.batch_size = self.run.global_batch_size // ranks
+        return self
+
+    def scaled_lr(self, ranks: int) -> float:
+        """--lr after --lr-scaling. 'linear' keeps the per-sample step size of a run whose
+        per-rank batch is fixed (the global batch grows with N) but is unstable at large N
+        without warm-up; 'sqrt' is the gentler compromise; 'none' is right when the global
+        batch is the same as the single-process recipe's."""
+        factor = {"none": 1.0, "linear": float(ranks), "sqrt": math.sqrt(ranks)}
+        return self.optim.lr * factor[self.optim.lr_scaling]
 
 
 # --- command line -------------------------------------------------------------------------

@@ -22,6 +22,7 @@ reference notebook does on one GPU.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import Any, Callable, List, Optional
 
@@ -70,7 +71,8 @@ class World:
         raise UsageError(f"--context must be auto, cpu, gpu or gpu:N, not '{spec}'")
 
     # Overridden by HorovodWorld; the local versions are identities.
-    def make_trainer(self, params, optimizer: str, optimizer_params: dict) -> gluon.Trainer:
+    def make_trainer(self, params, optimizer: str, optimizer_params: dict,
+                     fp16_allreduce: bool = False) -> gluon.Trainer:
         return gluon.Trainer(params, optimizer, optimizer_params, kvstore=None)
 
     def _average_factor(self, trainer: gluon.Trainer) -> float:
@@ -93,6 +95,20 @@ class World:
 
     def shutdown(self) -> None:
         pass
+
+    def check_in_sync(self, params, step: int) -> None:
+        """Raises RanksOutOfSync on every rank unless all ranks hold bit-identical
+        parameters. A device sync and a host copy of every parameter: debugging only."""
+        from .errors import RanksOutOfSync
+
+        digest = hashlib.sha1()
+        for name in sorted(params.keys()):
+            digest.update(params[name].data().asnumpy().tobytes())
+        digests = self.allgather_object(digest.hexdigest(), name=f"sync.{step}")
+        if len(set(digests)) > 1:
+            raise RanksOutOfSync(f"parameters differ across ranks after step {step}: "
+                                 + ", ".join(f"rank {r} {d[:10]}" for r, d in
+                                             enumerate(digests)))
 
     def gradient_step(self, trainer: gluon.Trainer, grads: List[mx.nd.NDArray],
                       clip: float, clip_mode: str) -> mx.nd.NDArray:
@@ -123,7 +139,13 @@ class LocalWorld(World):
 class HorovodWorld(World):
     backend = "horovod"
 
-    def __init__(self) -> None:
+    def __init__(self, fusion_threshold_mb: Optional[float] = None,
+                 cycle_time_ms: Optional[float] = None) -> None:
+        # Horovod reads its tuning knobs from the environment at init.
+        if fusion_threshold_mb is not None:
+            os.environ["HOROVOD_FUSION_THRESHOLD"] = str(int(fusion_threshold_mb * 2 ** 20))
+        if cycle_time_ms is not None:
+            os.environ["HOROVOD_CYCLE_TIME"] = str(cycle_time_ms)
         import horovod.mxnet as hvd
 
         self.hvd = hvd
@@ -140,8 +162,12 @@ class HorovodWorld(World):
         self.local_rank, self.local_size = hvd.local_rank(), hvd.local_size()
         self.controller = "gloo" if hvd.gloo_enabled() else "mpi"
 
-    def make_trainer(self, params, optimizer: str, optimizer_params: dict) -> gluon.Trainer:
-        return self.hvd.DistributedTrainer(params, optimizer, optimizer_params)
+    def make_trainer(self, params, optimizer: str, optimizer_params: dict,
+                     fp16_allreduce: bool = False) -> gluon.Trainer:
+        compression = self.hvd.Compression.fp16 if fp16_allreduce else \
+            self.hvd.Compression.none
+        return self.hvd.DistributedTrainer(params, optimizer, optimizer_params,
+                                           compression=compression)
 
     def _average_factor(self, trainer) -> float:
         # DistributedTrainer sets _average_in_framework when the allreduce sums and
@@ -169,11 +195,12 @@ class HorovodWorld(World):
         self.hvd.shutdown()
 
 
-def make_world(backend: str = "auto") -> World:
+def make_world(backend: str = "auto", fusion_threshold_mb: Optional[float] = None,
+               cycle_time_ms: Optional[float] = None) -> World:
     """'auto': Horovod when a launcher started this process, else one local process."""
     if backend == "local" or (backend == "auto" and not launched_by_horovod_or_mpi()):
         return LocalWorld()
-    return HorovodWorld()
+    return HorovodWorld(fusion_threshold_mb, cycle_time_ms)
 
 
 def run_everywhere(world: World, fn: Callable[[], Any], what: str) -> Any:

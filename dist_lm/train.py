@@ -91,12 +91,13 @@ class Stepper:
     def __init__(self, model, cfg: Config, world: World, ctx: mx.Context):
         self.loss_block = hybrid_loss(model)
         self.world, self.ctx = world, ctx
-        self.clip = cfg.optim.clip
+        self.clip, self.clip_mode = cfg.optim.clip, cfg.optim.clip_mode
         params = model.collect_params()
-        optim_params = {"learning_rate": cfg.optim.lr, "wd": cfg.optim.wd}
+        optim_params = {"learning_rate": cfg.scaled_lr(world.size), "wd": cfg.optim.wd}
         if cfg.optim.optimizer == "sgd":
             optim_params["momentum"] = cfg.optim.momentum
-        self.trainer = world.make_trainer(params, cfg.optim.optimizer, optim_params)
+        self.trainer = world.make_trainer(params, cfg.optim.optimizer, optim_params,
+                                          cfg.dist.fp16_allreduce)
         self.grads = [p.grad(ctx) for p in params.values() if p.grad_req != "null"]
 
     def step(self, inputs: np.ndarray, targets: np.ndarray, states):
@@ -107,7 +108,7 @@ class Stepper:
             loss, states = self.loss_block(to_nd(inputs, self.ctx), to_nd(targets, self.ctx),
                                            states)
         loss.backward()
-        norm = self.world.gradient_step(self.trainer, self.grads, self.clip, "global")
+        norm = self.world.gradient_step(self.trainer, self.grads, self.clip, self.clip_mode)
         return loss, norm, states
 
 
@@ -119,6 +120,7 @@ def seed_everything(seed: int) -> None:
 
 def train(cfg: Config, world: World) -> dict:
     """Runs the whole training job on this rank; returns the run's summary on every rank."""
+    cfg = run_everywhere(world, lambda: cfg.for_world(world.size), "config")
     seed_everything(cfg.run.seed)
     ctx = world.context(cfg.run.context)
     reporter = make_reporter(world.is_root)
@@ -141,7 +143,8 @@ def train(cfg: Config, world: World) -> dict:
 
     shard, b = corpus.train, cfg.run.batch_size
     max_steps = cfg.run.max_steps or cfg.run.epochs * shard.num_batches
-    lr, best_val, test_loss, step = cfg.optim.lr, float("inf"), None, 0
+    lr, best_val, test_loss, step = cfg.scaled_lr(world.size), float("inf"), None, 0
+    warmup = cfg.optim.warmup_steps
     start = time.time()
     if cfg.run.eval_first:
         reporter.baseline(evaluate(eval_loss, corpus.valid, world, ctx))
@@ -156,10 +159,14 @@ def train(cfg: Config, world: World) -> dict:
         for i in range(shard.num_batches):
             if step >= max_steps:
                 break
+            if step < warmup:
+                stepper.trainer.set_learning_rate(lr * (step + 1) / warmup)
             loss, norm, states = stepper.step(*shard.batch(i), states)
             clipped = norm > cfg.optim.clip if cfg.optim.clip else norm * 0
             sums += mx.nd.concat(loss, norm, clipped, dim=0)
             step, interval_steps, epoch_steps = step + 1, interval_steps + 1, epoch_steps + 1
+            if cfg.dist.check_sync_interval and step % cfg.dist.check_sync_interval == 0:
+                world.check_in_sync(params, step)
             if interval_steps == cfg.run.log_interval:
                 totals = world.allreduce_sum(sums, name="train.sums").asnumpy()
                 elapsed = time.time() - interval_start

@@ -61,3 +61,26 @@ def heldout(tmp_path_factory):
 def shared_data():
     assert VALID.is_file() and TEST.is_file(), f"missing shared WikiText-2 files in {WIKITEXT2}"
     return WIKITEXT2
+
+
+def launcher(controller: str, np: int, *cmd):
+    """The command that runs cmd as np Horovod ranks on this machine."""
+    if controller == "gloo":
+        return [BIN / "horovodrun", "-np", np, "-H", f"localhost:{np}", "--gloo", *cmd]
+    root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
+    return ["mpirun", *root, "-np", np, "-H", f"localhost:{np}", "-bind-to", "none",
+            "-x", "PATH", "-x", "OMP_NUM_THREADS", *cmd]
+
+
+def params_of(path):
+    import mxnet as mx
+
+    return {k: v.asnumpy() for k, v in mx.nd.load(str(path)).items()}
+
+
+def max_param_diff(a, b):
+    import numpy as np
+
+    pa, pb = params_of(a), params_of(b)
+    assert pa.keys() == pb.keys()
+    return max(float(np.abs(pa[k] - pb[k]).max()) for k in pa)

@@ -1,0 +1,134 @@
+"""Horovod data parallelism, under Gloo (horovodrun) and MPI (mpirun), 2 CPU ranks.
+
+Every multi-process run is bounded by a timeout: a hang fails the test.
+"""
+
+import re
+
+import pytest
+
+from conftest import BIN, REPO, TINY, VALID, data_args, dist_lm, launcher, max_param_diff, run
+
+pytestmark = pytest.mark.dist
+CONTROLLERS = ["gloo", "mpi"]
+# Dropout 0 and a small lr: float32 reduction-order noise stays ~1e-7 (at lr 20 it is
+# amplified to ~1e-2 by step 20). clip 0.1 is below the gradient norm of every early step.
+RECIPE = ["--dropout", "0", "--lr", "1", "--clip", "0.1", "--max-steps", "20",
+          "--log-interval", "10", "--epochs", "1"]
+
+
+def train_cmd(heldout, *extra):
+    return [BIN / "dist-lm", "train", *data_args(VALID, heldout, heldout), *TINY, *RECIPE,
+            *extra]
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, heldout):
+    """One process, 20 columns: the reference the 2-rank runs must reproduce."""
+    out = tmp_path_factory.mktemp("one")
+    proc = run(train_cmd(heldout, "--batch-size", "20", "--run-dir", out), timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+@pytest.mark.parametrize("controller", CONTROLLERS)
+def test_two_ranks_take_the_same_steps_as_one_process_with_the_global_batch(
+        controller, one_process, heldout, tmp_path):
+    out = tmp_path / "two"
+    # --check-sync-interval 1: all-gathers a digest of every parameter after every step
+    # and fails the run if the ranks differ by a single bit.
+    proc = run(launcher(controller, 2, *train_cmd(heldout, "--batch-size", "10",
+                                                   "--check-sync-interval", "1",
+                                                   "--run-dir", out)), timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert max_param_diff(one_process / "final.params", out / "final.params") < 2e-6
+    # Only rank 0 printed the log lines.
+    assert len(re.findall(r"\[Epoch 0 Batch 20/\d+\]", proc.stdout)) == 1
+
+
+def test_clipping_was_active_in_the_equivalence_run(one_process, heldout, tmp_path):
+    proc = run(train_cmd(heldout, "--batch-size", "20", "--clip", "0",
+                         "--run-dir", tmp_path), timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert max_param_diff(one_process / "final.params", tmp_path / "final.params") > 1e-3
+
+
+@pytest.mark.parametrize("controller", CONTROLLERS)
+def test_distributed_eval_equals_single_process_eval(controller, one_process, heldout):
+    args = ["eval", "--run-dir", one_process, "--test-file", heldout, "--columns", "8",
+            "--context", "cpu"]
+    single = dist_lm(*args)
+    multi = run(launcher(controller, 2, BIN / "dist-lm", *args), timeout=300)
+    assert single.returncode == 0 and multi.returncode == 0, multi.stderr
+    loss = [float(re.search(r"test loss ([0-9.]+)", p.stdout).group(1))
+            for p in (single, multi)]
+    assert loss[0] == pytest.approx(loss[1], abs=1e-4)
+
+
+def test_global_batch_size_is_split_over_ranks(one_process, heldout, tmp_path):
+    proc = run(launcher("gloo", 2, *train_cmd(heldout, "--global-batch-size", "20",
+                                              "--run-dir", tmp_path)), timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert max_param_diff(one_process / "final.params", tmp_path / "final.params") < 2e-6
+
+
+@pytest.mark.parametrize("controller", CONTROLLERS)
+def test_uneven_corpus_gives_every_rank_the_same_number_of_steps(controller, tmp_path):
+    # 9,001 + eos tokens: not a multiple of the 2 x 3 columns nor of bptt.
+    words = [f"w{i % 97}" for i in range(9001)]
+    corpus = tmp_path / "odd.txt"
+    corpus.write_text(" ".join(words) + "\n")
+    length = (len(words) + 1) // 6
+    expected = (length - 1) // 35
+    proc = run(launcher(controller, 2, BIN / "dist-lm", "train", *data_args(corpus, corpus,
+                                                                           corpus),
+                        *TINY, "--batch-size", "3", "--epochs", "2", "--log-interval", "7",
+                        "--eval-batch-size", "3", "--run-dir", tmp_path / "run",
+                        "--check-sync-interval", "5"), timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert re.findall(r"\[Epoch 1 Batch (\d+)/(\d+)\]", proc.stdout)[-1] == \
+        (str(expected // 7 * 7), str(expected))
+
+
+@pytest.mark.parametrize("controller", CONTROLLERS)
+def test_a_rank_failing_at_start_up_stops_the_job_with_its_message(controller, heldout,
+                                                                   tmp_path):
+    # Rank 1 alone is given a training file that does not exist.
+    script = ('r=${HOROVOD_RANK:-$OMPI_COMM_WORLD_RANK}; f=$0; '
+              '[ "$r" = 1 ] && f=/nonexistent/wiki.train.tokens; '
+              'exec dist-lm train --train-file "$f" --valid-file $1 --test-file $1 '
+              '--run-dir $2 --context cpu')
+    proc = run(launcher(controller, 2, "bash", "-c", script, VALID, heldout, tmp_path),
+               timeout=90)
+    assert proc.returncode != 0
+    # One message per rank (mpirun may interleave the two ranks' lines).
+    errors = re.findall(r"dist-lm: error: (\[rank \d\] [^\n]*?holds it)", proc.stderr)
+    assert len(errors) == 2, proc.stderr
+    assert all("/nonexistent/wiki.train.tokens: no such file" in e for e in errors)
+    assert any(e.startswith("[rank 0] rank 1:") for e in errors)
+
+
+def test_rank_count_that_does_not_divide_the_global_batch(heldout, tmp_path):
+    proc = run(launcher("gloo", 2, *train_cmd(heldout, "--global-batch-size", "21",
+                                              "--run-dir", tmp_path)), timeout=120)
+    assert proc.returncode != 0
+    assert proc.stderr.count("dist-lm: error:") == 2, proc.stderr
+    assert proc.stderr.count("does not split evenly over 2 ranks") == 2, proc.stderr
+
+
+def test_local_clipping_is_the_reference_behaviour_and_differs(one_process, heldout,
+                                                               tmp_path):
+    proc = run(launcher("gloo", 2, *train_cmd(heldout, "--batch-size", "10", "--clip-mode",
+                                              "local", "--run-dir", tmp_path)), timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    # Clipping each rank's gradient at 0.1 then averaging is not clipping the average.
+    assert max_param_diff(one_process / "final.params", tmp_path / "final.params") > 1e-4
+
+
+def test_workstation_launcher_runs_two_ranks(heldout, tmp_path):
+    proc = run(["bash", REPO / "launch" / "train-workstation.sh",
+                *data_args(VALID, heldout, heldout), *TINY, "--max-steps", "4",
+                "--log-interval", "2", "--run-dir", tmp_path],
+               env={"NP": "2", "CONTROLLER": "mpi"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "Batch 4/" in proc.stdout and (tmp_path / "final.params").is_file()

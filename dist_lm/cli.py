@@ -2,6 +2,8 @@
 
     dist-lm train [options]           train (one process, or one rank under horovodrun/mpirun)
     dist-lm eval --run-dir DIR ...    loss and perplexity of a run's saved parameters
+    dist-lm generate --run-dir DIR    sample text from a trained run
+    dist-lm report RUN_DIR...         curves of runs as a PNG, and a summary
     dist-lm bench --train-file F      throughput of the reference loop and of dist-lm
 
 `main(argv)` returns the exit code and is what tests call. Errors a user can cause print
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from typing import List, Optional
 
@@ -46,6 +49,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", default="auto", help="cpu, gpu, gpu:N or auto")
     p.add_argument("--dist", choices=("auto", "local", "horovod"), default="auto")
 
+    p = sub.add_parser("generate", help="sample text from a trained run")
+    p.add_argument("--run-dir", required=True, help="the run directory of a training run")
+    p.add_argument("--params", default="best", help="'best', 'final', or a .params file")
+    p.add_argument("--words", type=int, default=50, help="how many words to sample")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="below 1 sharpens the distribution, above 1 flattens it")
+    p.add_argument("--prompt", help="text to condition on (words outside the vocabulary "
+                                    "read as <unk>)")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--context", default="auto", help="cpu, gpu, gpu:N or auto")
+
+    p = sub.add_parser("report", help="plot and summarize one or more runs")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--out", default="report.png", help="the PNG to write")
+
     from .bench import add_args as add_bench_args
     p = sub.add_parser("bench", help="throughput of the reference loop and of dist-lm")
     add_bench_args(p)
@@ -65,14 +83,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
+def load_run(run_dir: str, params: str):
+    """A run directory's config, run record, vocabulary and the path of its parameters."""
     from .config import Config
     from .data import vocab_from_json
-    from .dist import make_world
     from .rundir import read_json
-    from .train import evaluate_run
 
-    run_dir = args.run_dir
     if not os.path.isdir(run_dir):
         raise UsageError(f"--run-dir {run_dir}: no such directory")
     cfg = Config.from_dict(read_json(os.path.join(run_dir, "config.json"), "run config"))
@@ -82,11 +98,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
             vocab = vocab_from_json(fh.read())
     except (OSError, ValueError) as err:
         raise UsageError(f"cannot read the vocabulary of {run_dir}: {err}") from None
-    params = args.params
     if params in ("best", "final"):
         params = os.path.join(run_dir, f"{params}.params")
     if not os.path.isfile(params):
         raise UsageError(f"parameters {params}: no such file")
+    return cfg, run_info, vocab, params
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .dist import make_world
+    from .train import evaluate_run
+
+    cfg, run_info, vocab, params = load_run(args.run_dir, args.params)
     cfg.data.train_file = cfg.data.valid_file = cfg.data.test_file = None
     cfg.data.data_dir, cfg.data.download = args.data_dir, None
     if args.test_file:
@@ -108,19 +131,61 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .dist import LocalWorld
+    from .generate import format_text, sample_words
+    from .train import load_params
+    from .model import build_model
+
+    cfg, _, vocab, params = load_run(args.run_dir, args.params)
+    ctx = LocalWorld().context(args.context)
+    model = build_model(cfg.model, len(vocab))
+    load_params(model, params, ctx)
+    words = sample_words(model, vocab, ctx, args.words, args.temperature, args.prompt,
+                         args.seed)
+    print(format_text(words))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import plot, read_metrics, summarize
+
+    runs = {d: read_metrics(d) for d in args.run_dirs}
+    try:
+        plot(runs, args.out)
+    except OSError as err:
+        raise UsageError(f"cannot write {args.out}: {err.strerror}") from None
+    print(f"{'run':<40} {'steps':>7} {'best val ppl':>13} {'test ppl':>9} "
+          f"{'tokens/s':>9} {'wall s':>8}")
+    for d, rows in runs.items():
+        s = summarize(d, rows)
+        print(f"{d:<40} {s['steps']:>7} {s['best_val_ppl']:>13.2f} {s['test_ppl']:>9.2f} "
+              f"{s['tokens_per_s']:>9.0f} {s['wall_time_s']:>8.1f}")
+    print(f"wrote {args.out}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run
 
     return run(args)
 
 
+def _terminated(signum, frame) -> None:
+    # Unwinds the stack so that open TensorBoard and metrics files are flushed and closed.
+    raise SystemExit(128 + signum)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     from .launcher_env import configure_threads
 
     configure_threads()  # before MXNet loads
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         args = build_parser().parse_args(argv)
-        return {"train": cmd_train, "eval": cmd_eval, "bench": cmd_bench}[args.command](args)
+        commands = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate,
+                    "report": cmd_report, "bench": cmd_bench}
+        return commands[args.command](args)
     except (UsageError, RanksOutOfSync) as err:
         rank = os.environ.get("HOROVOD_RANK", os.environ.get("OMPI_COMM_WORLD_RANK"))
         where = f"[rank {rank}] " if rank is not None else ""

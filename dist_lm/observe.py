@@ -1,16 +1,25 @@
-"""What a run tells people: console lines in the reference notebook's format.
+"""What a run tells people: console lines, TensorBoard scalars and metrics.jsonl.
 
-`make_reporter` is called once at start-up: rank 0 gets a `Reporter`, every other rank a
-`QuietReporter` with the same methods that does nothing, so the training loop never asks
-which rank it is. Every value handed in is already global (reduced over ranks).
+`make_reporter` is called once at start-up: rank 0 gets a `Reporter` (console in the
+reference notebook's format, a tqdm bar when stdout is a terminal, a tensorboardX writer
+and `metrics.jsonl` in the run directory); every other rank gets a `QuietReporter` with
+the same methods that does nothing, so the training loop never asks which rank it is.
+Every value handed in is already global (reduced over ranks); nothing here touches a
+device, so logging costs no synchronisation beyond the one the loop does on log steps.
+
+TensorBoard: every scalar is logged against the global step, and again under `by_tokens/`
+against the number of training tokens seen, so runs with different rank counts line up.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import sys
+import time
 from dataclasses import dataclass
-from typing import Optional, TextIO
+from typing import Dict, Optional, TextIO
 
 
 @dataclass
@@ -21,6 +30,7 @@ class TrainStats:
     batch: int             # batches done in this epoch
     num_batches: int       # batches per epoch
     step: int              # optimizer steps done in all
+    tokens: int            # training tokens seen in all (all ranks)
     loss: float            # mean token loss over the interval
     lr: float
     grad_norm: float       # mean over the interval of the mean gradient's norm
@@ -35,48 +45,145 @@ def ppl(loss: float) -> float:
 
 
 class Reporter:
-    def __init__(self, stream: Optional[TextIO] = None):
+    def __init__(self, run_dir: Optional[str] = None, config: Optional[dict] = None,
+                 stream: Optional[TextIO] = None, steps_per_epoch: int = 0):
         self.out = stream or sys.stdout
+        self.run_dir, self.config = run_dir, config
+        self.writer = self.jsonl = self.bar = None
+        self.best: Dict[str, float] = {}
+        if run_dir is not None:
+            from tensorboardX import SummaryWriter
+            # The pid in the file name: one events file per writing process.
+            self.writer = SummaryWriter(run_dir, filename_suffix=f".{os.getpid()}")
+            self.jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a", encoding="utf-8")
+            if config is not None:
+                self.writer.add_text("config", "```\n" + json.dumps(config, indent=2)
+                                     + "\n```", 0)
+        if steps_per_epoch and self.out.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=steps_per_epoch, unit="batch", dynamic_ncols=True,
+                            file=self.out, leave=False)
 
+    # --- sinks -----------------------------------------------------------------------
     def line(self, text: str) -> None:
-        print(text, file=self.out, flush=True)
+        if self.bar is not None:
+            self.bar.write(text, file=self.out)
+        else:
+            print(text, file=self.out, flush=True)
+
+    def record(self, kind: str, step: int, tokens: int, values: Dict[str, float]) -> None:
+        """One metrics.jsonl object and the same values as TensorBoard scalars."""
+        if self.jsonl is not None:
+            self.jsonl.write(json.dumps(dict(kind=kind, step=step, tokens=tokens,
+                                             time=time.time(), **values)) + "\n")
+            self.jsonl.flush()
+        if self.writer is not None:
+            for tag, value in values.items():
+                if "/" in tag:
+                    self.writer.add_scalar(tag, value, step)
+                    self.writer.add_scalar("by_tokens/" + tag, value, tokens)
+            self.writer.flush()
+
+    # --- events ------------------------------------------------------------------------
+    def advance(self, steps: int = 1) -> None:
+        """Moves the progress bar (terminals only); no device work."""
+        if self.bar is not None:
+            self.bar.update(steps)
 
     def train(self, s: TrainStats) -> None:
         self.line(f"[Epoch {s.epoch} Batch {s.batch}/{s.num_batches}] loss {s.loss:.2f}, "
                   f"ppl {ppl(s.loss):.2f}, throughput {s.samples_per_s:.2f} samples/s")
+        self.record("train", s.step, s.tokens, {
+            "epoch": s.epoch, "batch": s.batch,
+            "train/loss": s.loss, "train/ppl": ppl(s.loss), "train/lr": s.lr,
+            "train/grad_norm": s.grad_norm, "train/clipped_fraction": s.clipped,
+            "throughput/tokens_per_s": s.tokens_per_s,
+            "throughput/samples_per_s": s.samples_per_s,
+            "throughput/tokens_per_s_per_rank": s.tokens_per_s / s.ranks,
+            "system/ranks": s.ranks})
 
-    def epoch_end(self, epoch: int, samples_per_s: float) -> None:
+    def epoch_start(self, epoch: int) -> None:
+        if self.bar is not None:
+            self.bar.reset()
+            self.bar.set_description(f"epoch {epoch}")
+
+    def epoch_end(self, epoch: int, step: int, tokens: int, seconds: float,
+                  samples_per_s: float) -> None:
         self.line(f"[Epoch {epoch}] throughput {samples_per_s:.2f} samples/s")
+        self.record("epoch", step, tokens, {"epoch": epoch, "time/epoch_s": seconds,
+                                            "throughput/epoch_samples_per_s": samples_per_s})
 
-    def valid(self, epoch: int, seconds: float, loss: float) -> None:
+    def baseline(self, step: int, tokens: int, loss: float) -> None:
+        self.line(f"[Start] valid loss {loss:.2f}, valid ppl {ppl(loss):.2f}")
+        self.record("valid", step, tokens, {"val/loss": loss, "val/ppl": ppl(loss)})
+
+    def valid(self, epoch: int, step: int, tokens: int, seconds: float, loss: float) -> None:
         self.line(f"[Epoch {epoch}] time cost {seconds:.2f}s, valid loss {loss:.2f}, "
                   f"valid ppl {ppl(loss):.2f}")
+        self.best["best_val_ppl"] = min(self.best.get("best_val_ppl", math.inf), ppl(loss))
+        self.record("valid", step, tokens, {"epoch": epoch, "val/loss": loss,
+                                            "val/ppl": ppl(loss)})
 
-    def baseline(self, loss: float) -> None:
-        self.line(f"[Start] valid loss {loss:.2f}, valid ppl {ppl(loss):.2f}")
-
-    def test(self, loss: float) -> None:
+    def test(self, step: int, tokens: int, loss: float) -> None:
         self.line(f"test loss {loss:.2f}, test ppl {ppl(loss):.2f}")
+        self.best["test_ppl"] = ppl(loss)
+        self.record("test", step, tokens, {"test/loss": loss, "test/ppl": ppl(loss)})
 
     def lr_change(self, lr: float) -> None:
         self.line(f"Learning rate now {lr:f}")
 
-    def done(self, samples_per_s: float) -> None:
+    def done(self, step: int, tokens: int, seconds: float, samples_per_s: float) -> None:
         self.line(f"Total training throughput {samples_per_s:.2f} samples/s")
+        self.best["wall_time_s"] = seconds
+        self.record("done", step, tokens, {"time/total_s": seconds,
+                                           "throughput/total_samples_per_s": samples_per_s})
+        if self.writer is not None and self.config is not None:
+            self.writer.add_hparams(_flat_hparams(self.config),
+                                    {f"hparam/{k}": v for k, v in self.best.items()},
+                                    name="hparams", global_step=step)
 
     def close(self) -> None:
+        """Flushes and closes everything; safe to call twice (normal exit, error, SIGTERM)."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+        if self.jsonl is not None:
+            self.jsonl.close()
+            self.jsonl = None
         self.out.flush()
 
 
+def _flat_hparams(config: dict) -> Dict[str, object]:
+    flat = {}
+    for group, values in config.items():
+        for key, value in values.items():
+            flat[f"{group}.{key}"] = value if isinstance(value, (bool, int, float, str)) \
+                else str(value)
+    return flat
+
+
 class QuietReporter(Reporter):
-    """The reporter of ranks other than 0: same methods, no output."""
+    """The reporter of ranks other than 0: same methods, no output, no files."""
 
     def __init__(self) -> None:
-        super().__init__(stream=sys.stdout)
+        super().__init__()
 
     def line(self, text: str) -> None:
         pass
 
+    def record(self, kind: str, step: int, tokens: int, values: Dict[str, float]) -> None:
+        pass
 
-def make_reporter(is_root: bool) -> Reporter:
-    return Reporter() if is_root else QuietReporter()
+    def done(self, step: int, tokens: int, seconds: float, samples_per_s: float) -> None:
+        pass
+
+
+def make_reporter(is_root: bool, run_dir: str, config: dict,
+                  steps_per_epoch: int) -> Reporter:
+    if not is_root:
+        return QuietReporter()
+    return Reporter(run_dir, config, steps_per_epoch=steps_per_epoch)
+

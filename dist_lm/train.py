@@ -123,7 +123,6 @@ def train(cfg: Config, world: World) -> dict:
     cfg = run_everywhere(world, lambda: cfg.for_world(world.size), "config")
     seed_everything(cfg.run.seed)
     ctx = world.context(cfg.run.context)
-    reporter = make_reporter(world.is_root)
     run_dir = run_everywhere(world, lambda: make_run_dir(cfg.run.run_dir, world.is_root),
                              "run-dir")
     corpus = load_corpus(cfg, world)
@@ -134,23 +133,38 @@ def train(cfg: Config, world: World) -> dict:
 
     model = build_model(cfg.model, len(corpus.vocab))
     model.initialize(mx.init.Xavier(), ctx=ctx)
-    params = model.collect_params()
-    world.broadcast_params(params)
+    world.broadcast_params(model.collect_params())
     # Dropout masks differ per rank, as they would across the columns of one big batch.
     mx.random.seed(cfg.run.seed + world.rank)
+    reporter = make_reporter(world.is_root, cfg.run.run_dir, cfg.to_dict(),
+                             corpus.train.num_batches)
+    try:
+        return fit(cfg, world, ctx, model, corpus, run_dir, reporter)
+    finally:
+        reporter.close()
+
+
+def fit(cfg: Config, world: World, ctx: mx.Context, model, corpus: Corpus, run_dir,
+        reporter) -> dict:
+    """The epochs: BPTT steps, log lines, validation, lr decay on plateau, saving."""
     stepper = Stepper(model, cfg, world, ctx)
     eval_loss = hybrid_loss(model)
-
-    shard, b = corpus.train, cfg.run.batch_size
+    params = model.collect_params()
+    shard, b, bptt = corpus.train, cfg.run.batch_size, cfg.run.bptt
     max_steps = cfg.run.max_steps or cfg.run.epochs * shard.num_batches
     lr, best_val, test_loss, step = cfg.scaled_lr(world.size), float("inf"), None, 0
     warmup = cfg.optim.warmup_steps
+
+    def tokens() -> int:  # training tokens seen by all ranks
+        return step * world.size * b * bptt
+
     start = time.time()
     if cfg.run.eval_first:
-        reporter.baseline(evaluate(eval_loss, corpus.valid, world, ctx))
+        reporter.baseline(step, tokens(), evaluate(eval_loss, corpus.valid, world, ctx))
     for epoch in range(cfg.run.epochs):
         if step >= max_steps:
             break
+        reporter.epoch_start(epoch)
         epoch_start = interval_start = time.time()
         states = model.begin_state(b, ctx)
         # Interval sums kept on the device; read (and reduced) only on log steps.
@@ -159,47 +173,56 @@ def train(cfg: Config, world: World) -> dict:
         for i in range(shard.num_batches):
             if step >= max_steps:
                 break
+            step_lr = lr * min(1.0, (step + 1) / warmup) if step < warmup else lr
             if step < warmup:
-                stepper.trainer.set_learning_rate(lr * (step + 1) / warmup)
+                stepper.trainer.set_learning_rate(step_lr)
             loss, norm, states = stepper.step(*shard.batch(i), states)
             clipped = norm > cfg.optim.clip if cfg.optim.clip else norm * 0
             sums += mx.nd.concat(loss, norm, clipped, dim=0)
             step, interval_steps, epoch_steps = step + 1, interval_steps + 1, epoch_steps + 1
+            reporter.advance()
             if cfg.dist.check_sync_interval and step % cfg.dist.check_sync_interval == 0:
                 world.check_in_sync(params, step)
             if interval_steps == cfg.run.log_interval:
                 totals = world.allreduce_sum(sums, name="train.sums").asnumpy()
+                totals /= interval_steps * world.size   # means over steps and ranks
                 elapsed = time.time() - interval_start
+                samples_per_s = world.size * b * interval_steps / elapsed
                 reporter.train(TrainStats(
                     epoch=epoch, batch=i + 1, num_batches=shard.num_batches, step=step,
-                    loss=totals[0] / (interval_steps * world.size),
-                    grad_norm=totals[1] / (interval_steps * world.size),
-                    clipped=totals[2] / (interval_steps * world.size), lr=lr,
-                    samples_per_s=world.size * b * interval_steps / elapsed,
-                    tokens_per_s=world.size * b * interval_steps * cfg.run.bptt / elapsed,
-                    ranks=world.size))
+                    tokens=tokens(), loss=float(totals[0]), grad_norm=float(totals[1]),
+                    clipped=float(totals[2]), lr=step_lr, samples_per_s=samples_per_s,
+                    tokens_per_s=samples_per_s * bptt, ranks=world.size))
                 sums[:] = 0
                 interval_steps, interval_start = 0, time.time()
         mx.nd.waitall()
-        reporter.epoch_end(epoch, world.size * b * epoch_steps / (time.time() - epoch_start))
+        reporter.epoch_end(epoch, step, tokens(), time.time() - epoch_start,
+                           world.size * b * epoch_steps / (time.time() - epoch_start))
 
         val = evaluate(eval_loss, corpus.valid, world, ctx)
-        reporter.valid(epoch, time.time() - epoch_start, val)
+        reporter.valid(epoch, step, tokens(), time.time() - epoch_start, val)
         if val < best_val:
             best_val = val
             test_loss = evaluate(eval_loss, corpus.test, world, ctx)
             run_dir.save_params("best.params", model)
-            reporter.test(test_loss)
+            reporter.test(step, tokens(), test_loss)
         else:
             lr *= cfg.optim.lr_decay
             stepper.trainer.set_learning_rate(lr)
             reporter.lr_change(lr)
     total_s = time.time() - start
-    reporter.done(world.size * b * step / total_s)
     run_dir.save_params("final.params", model)
-    reporter.close()
+    reporter.done(step, tokens(), total_s, world.size * b * step / total_s)
     return {"steps": step, "best_val_loss": best_val, "test_loss": test_loss,
             "seconds": total_s}
+
+
+def load_params(model, params_file: str, ctx: mx.Context) -> None:
+    try:
+        model.load_parameters(params_file, ctx=ctx)
+    except (mx.base.MXNetError, AssertionError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UsageError(f"cannot load {params_file} into this run's model: {first}") from None
 
 
 def evaluate_run(cfg: Config, world: World, params_file: str, split: str,
@@ -211,10 +234,6 @@ def evaluate_run(cfg: Config, world: World, params_file: str, split: str,
     ctx = world.context(cfg.run.context)
     corpus = load_corpus(cfg, world, need=(split,), vocab=vocab)
     model = build_model(cfg.model, len(vocab))
-    try:
-        model.load_parameters(params_file, ctx=ctx)
-    except (mx.base.MXNetError, AssertionError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UsageError(f"cannot load {params_file} into this run's model: {first}") from None
+    load_params(model, params_file, ctx)
     return evaluate(hybrid_loss(model), getattr(corpus, split), world, ctx)
 

@@ -22,7 +22,7 @@ train: setup
 	  --train-file $(DATA_DIR)/wiki.valid.tokens \
 	  --valid-file $(DATA_DIR)/wiki.test.tokens \
 	  --test-file $(DATA_DIR)/wiki.test.tokens \
-	  --epochs $(EPOCHS) --log-interval 50 --run-dir $(RUN_DIR) $(ARGS)
+	  --epochs $(EPOCHS) --log-interval 50 --run-dir $(RUN_DIR) --resume auto $(ARGS)
 
 test: setup
 	@$(VENV)/bin/python -m pytest $(PYTEST_ARGS)

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 from typing import List, Optional
 
 from .config import add_config_args, config_from_args
-from .errors import RanksOutOfSync, UsageError
+from .errors import NonFiniteError, Preempted, RanksOutOfSync, UsageError
+from .lifecycle import STOP
 
 
 class _Parser(argparse.ArgumentParser):
@@ -171,25 +171,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run(args)
 
 
-def _terminated(signum, frame) -> None:
-    # Unwinds the stack so that open TensorBoard and metrics files are flushed and closed.
-    raise SystemExit(128 + signum)
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     from .launcher_env import configure_threads
 
     configure_threads()  # before MXNet loads
-    signal.signal(signal.SIGTERM, _terminated)
+    # SIGTERM/SIGINT: a clean stop within two steps while training, else an
+    # exit that still unwinds the stack (so open files are flushed and closed).
+    STOP.install()
     try:
         args = build_parser().parse_args(argv)
         commands = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate,
                     "report": cmd_report, "bench": cmd_bench}
         return commands[args.command](args)
-    except (UsageError, RanksOutOfSync) as err:
+    except (UsageError, RanksOutOfSync, NonFiniteError, Preempted) as err:
         rank = os.environ.get("HOROVOD_RANK", os.environ.get("OMPI_COMM_WORLD_RANK"))
         where = f"[rank {rank}] " if rank is not None else ""
-        print(f"dist-lm: error: {where}{err}", file=sys.stderr, flush=True)
+        kind = "stopped" if isinstance(err, Preempted) else "error"
+        print(f"dist-lm: {kind}: {where}{err}", file=sys.stderr, flush=True)
         return err.exit_code
 
 

@@ -104,8 +104,29 @@ class DistConfig:
         0, "every N steps, check that all ranks hold bit-identical parameters (0: never)")
 
 
+@dataclass
+class ReliabilityConfig:
+    resume: str = opt("none", "'auto': continue from the newest intact checkpoint in "
+                              "RUN_DIR/checkpoints (start fresh if there is none); a "
+                              "checkpoint directory; or 'none'")
+    resume_strict: bool = opt(False, "fail instead of falling back to an older checkpoint "
+                                     "when the newest one is damaged")
+    checkpoint_steps: int = opt(0, "also checkpoint every N steps (0: at epoch ends and by "
+                                   "--checkpoint-minutes only)")
+    checkpoint_minutes: float = opt(30.0, "also checkpoint when this many minutes passed "
+                                          "since the last one (0: never by time)")
+    keep_checkpoints: int = opt(3, "keep the newest N checkpoints (plus the best one)")
+    nonfinite: str = opt("stop", "on a NaN/Inf loss or gradient: 'stop' (exit 3 keeping the "
+                                 "last good checkpoint) or 'skip' (drop those steps and "
+                                 "count them; costs one pass over the gradients per step)",
+                         choices=("stop", "skip"))
+    watchdog_s: float = opt(600.0, "exit (code 4) if no step or evaluation batch completes "
+                                   "for this many seconds, e.g. a peer rank vanished "
+                                   "(0: off)")
+
+
 GROUPS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "run": RunConfig,
-          "dist": DistConfig}
+          "dist": DistConfig, "reliability": ReliabilityConfig}
 
 
 @dataclass
@@ -115,6 +136,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    reliability: ReliabilityConfig = field(default_factory=ReliabilityConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -148,6 +170,15 @@ class Config:
                 raise UsageError(f"{name} must be a positive integer, got {value}")
         if self.optim.warmup_steps < 0 or self.dist.check_sync_interval < 0:
             raise UsageError("--warmup-steps and --check-sync-interval must be >= 0")
+        rel = self.reliability
+        if rel.keep_checkpoints <= 0:
+            raise UsageError(f"--keep-checkpoints must be a positive integer, got "
+                             f"{rel.keep_checkpoints}")
+        for name, value in [("--checkpoint-steps", rel.checkpoint_steps),
+                            ("--checkpoint-minutes", rel.checkpoint_minutes),
+                            ("--watchdog-s", rel.watchdog_s)]:
+            if not (math.isfinite(value) and value >= 0):
+                raise UsageError(f"{name} must be a non-negative number, got {value}")
         for name, value in [("--fusion-threshold-mb", self.dist.fusion_threshold_mb),
                             ("--cycle-time-ms", self.dist.cycle_time_ms)]:
             if value is not None and not (math.isfinite(value) and value > 0):

@@ -37,11 +37,19 @@ def global_norm(arrays: List[mx.nd.NDArray]) -> mx.nd.NDArray:
     return mx.nd.sqrt(mx.nd.sum(sum_sq)).reshape((1,))
 
 
-def scale_to_norm(arrays: List[mx.nd.NDArray], norm: mx.nd.NDArray, max_norm: float) -> None:
-    """Multiplies arrays in place by min(1, max_norm / norm), on the device."""
-    scale = mx.nd.minimum(max_norm / (norm + 1e-12), mx.nd.ones_like(norm))
+def scale_to_norm(arrays: List[mx.nd.NDArray], norm: mx.nd.NDArray, max_norm: float,
+                  finite: mx.nd.NDArray, skip_nonfinite: bool) -> None:
+    """Multiplies arrays in place by min(1, max_norm / norm) (1 when max_norm is 0), on the
+    device. With skip_nonfinite, a step whose norm is not finite is zeroed instead: NaN*0
+    is NaN, so each array is cleaned element-wise (an extra pass, hence opt-in)."""
+    ones = mx.nd.ones_like(norm)
+    scale = mx.nd.minimum(max_norm / (norm + 1e-12), ones) if max_norm else ones
     for a in arrays:
-        a *= scale.as_in_context(a.context)
+        if skip_nonfinite:
+            keep = mx.nd.contrib.isfinite(a) * finite.as_in_context(a.context)
+            a[:] = mx.nd.where(keep, a * scale.as_in_context(a.context), mx.nd.zeros_like(a))
+        elif max_norm:
+            a *= scale.as_in_context(a.context)
 
 
 class World:
@@ -90,6 +98,9 @@ class World:
     def allreduce_sum(self, array: mx.nd.NDArray, name: str) -> mx.nd.NDArray:
         return array
 
+    def max_over_ranks(self, value: float, name: str) -> float:
+        return max(self.allgather_object(value, name=name))
+
     def barrier(self) -> None:
         pass
 
@@ -111,25 +122,25 @@ class World:
                                              enumerate(digests)))
 
     def gradient_step(self, trainer: gluon.Trainer, grads: List[mx.nd.NDArray],
-                      clip: float, clip_mode: str) -> mx.nd.NDArray:
+                      clip: float, clip_mode: str, skip_nonfinite: bool = False):
         """Allreduce -> clip the mean gradient -> update (see the module docstring).
 
-        Returns the global norm of the mean gradient before clipping, (1,) on the device
-        (for clip_mode='local': of this rank's gradient).
+        Returns the global norm of the mean gradient before clipping (for
+        clip_mode='local': of this rank's gradient) and whether it is finite, each (1,)
+        on the device.
         """
         if clip_mode == "local":
             norm = global_norm(grads)
-            if clip:
-                scale_to_norm(grads, norm, clip)
+            finite = mx.nd.contrib.isfinite(norm)
+            scale_to_norm(grads, norm, clip, finite, skip_nonfinite)
             trainer.step(1)
-            return norm
+            return norm, finite
         trainer.allreduce_grads()
-        factor = self._average_factor(trainer)
-        norm = global_norm(grads) * factor
-        if clip:
-            scale_to_norm(grads, norm, clip)
+        norm = global_norm(grads) * self._average_factor(trainer)
+        finite = mx.nd.contrib.isfinite(norm)
+        scale_to_norm(grads, norm, clip, finite, skip_nonfinite)
         trainer.update(1)
-        return norm
+        return norm, finite
 
 
 class LocalWorld(World):

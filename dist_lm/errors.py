@@ -11,3 +11,16 @@ class RanksOutOfSync(Exception):
     """Ranks hold different parameters where they must be identical: exit code 4."""
 
     exit_code = 4
+
+
+class NonFiniteError(Exception):
+    """The loss or gradient became NaN/Inf under --nonfinite stop: exit code 3."""
+
+    exit_code = 3
+
+
+class Preempted(Exception):
+    """SIGTERM/SIGINT: every rank stopped at the same step after rank 0 checkpointed.
+    Exit code 143 (128 + SIGTERM), what Kubernetes and schedulers expect of a stop."""
+
+    exit_code = 143

@@ -38,6 +38,8 @@ class TrainStats:
     samples_per_s: float   # a sample is one column of bptt tokens
     tokens_per_s: float
     ranks: int
+    nonfinite_steps: int   # steps skipped for a NaN/Inf so far (--nonfinite skip)
+    rss_mb: float          # resident memory, the largest over ranks
 
 
 def ppl(loss: float) -> float:
@@ -46,16 +48,28 @@ def ppl(loss: float) -> float:
 
 class Reporter:
     def __init__(self, run_dir: Optional[str] = None, config: Optional[dict] = None,
-                 stream: Optional[TextIO] = None, steps_per_epoch: int = 0):
+                 stream: Optional[TextIO] = None, steps_per_epoch: int = 0,
+                 resume_step: int = 0, resume_tokens: int = 0):
         self.out = stream or sys.stdout
         self.run_dir, self.config = run_dir, config
-        self.writer = self.jsonl = self.bar = None
+        self.writer = self.token_writer = self.jsonl = self.bar = None
         self.best: Dict[str, float] = {}
         if run_dir is not None:
             from tensorboardX import SummaryWriter
-            # The pid in the file name: one events file per writing process.
-            self.writer = SummaryWriter(run_dir, filename_suffix=f".{os.getpid()}")
-            self.jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a", encoding="utf-8")
+            # Records after the checkpoint a run resumes from are replayed: drop them from
+            # metrics.jsonl, and have TensorBoard discard them (purge_step), so curves go
+            # on without duplicated steps. The pid in the file name: one events file per
+            # writing process.
+            metrics = os.path.join(run_dir, "metrics.jsonl")
+            _truncate_records(metrics, resume_step)
+            purge = resume_step + 1 if resume_step else None
+            self.writer = SummaryWriter(run_dir, filename_suffix=f".{os.getpid()}",
+                                        purge_step=purge)
+            # Tokens-seen curves live in their own event file, whose steps are tokens.
+            self.token_writer = SummaryWriter(
+                os.path.join(run_dir, "by_tokens"), filename_suffix=f".{os.getpid()}",
+                purge_step=resume_tokens + 1 if resume_step else None)
+            self.jsonl = open(metrics, "a", encoding="utf-8")
             if config is not None:
                 self.writer.add_text("config", "```\n" + json.dumps(config, indent=2)
                                      + "\n```", 0)
@@ -81,8 +95,9 @@ class Reporter:
             for tag, value in values.items():
                 if "/" in tag:
                     self.writer.add_scalar(tag, value, step)
-                    self.writer.add_scalar("by_tokens/" + tag, value, tokens)
+                    self.token_writer.add_scalar("by_tokens/" + tag, value, tokens)
             self.writer.flush()
+            self.token_writer.flush()
 
     # --- events ------------------------------------------------------------------------
     def advance(self, steps: int = 1) -> None:
@@ -100,11 +115,13 @@ class Reporter:
             "throughput/tokens_per_s": s.tokens_per_s,
             "throughput/samples_per_s": s.samples_per_s,
             "throughput/tokens_per_s_per_rank": s.tokens_per_s / s.ranks,
-            "system/ranks": s.ranks})
+            "train/nonfinite_steps": s.nonfinite_steps,
+            "system/ranks": s.ranks, "system/rss_mb_max": s.rss_mb})
 
-    def epoch_start(self, epoch: int) -> None:
+    def epoch_start(self, epoch: int, batch: int = 0) -> None:
         if self.bar is not None:
             self.bar.reset()
+            self.bar.update(batch)
             self.bar.set_description(f"epoch {epoch}")
 
     def epoch_end(self, epoch: int, step: int, tokens: int, seconds: float,
@@ -149,11 +166,32 @@ class Reporter:
             self.bar = None
         if self.writer is not None:
             self.writer.close()
-            self.writer = None
+            self.token_writer.close()
+            self.writer = self.token_writer = None
         if self.jsonl is not None:
             self.jsonl.close()
             self.jsonl = None
         self.out.flush()
+
+
+def _truncate_records(path: str, after_step: int) -> None:
+    """Keeps the metrics.jsonl lines with step <= after_step (all of them on a fresh run
+    in a new directory), rewriting the file atomically."""
+    if not os.path.exists(path):
+        return
+    from .rundir import write_text
+
+    with open(path, encoding="utf-8") as fh:
+        lines = fh.readlines()
+    keep = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= after_step:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue  # a line torn by a crash
+    if len(keep) != len(lines):
+        write_text(path, "".join(keep))
 
 
 def _flat_hparams(config: dict) -> Dict[str, object]:
@@ -181,9 +219,10 @@ class QuietReporter(Reporter):
         pass
 
 
-def make_reporter(is_root: bool, run_dir: str, config: dict,
-                  steps_per_epoch: int) -> Reporter:
+def make_reporter(is_root: bool, run_dir: str, config: dict, steps_per_epoch: int,
+                  resume_step: int = 0, resume_tokens: int = 0) -> Reporter:
     if not is_root:
         return QuietReporter()
-    return Reporter(run_dir, config, steps_per_epoch=steps_per_epoch)
+    return Reporter(run_dir, config, steps_per_epoch=steps_per_epoch,
+                    resume_step=resume_step, resume_tokens=resume_tokens)
 

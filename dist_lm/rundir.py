@@ -64,13 +64,46 @@ class RunDir:
         return os.path.join(self.path, name)
 
     def write_json(self, name: str, obj) -> None:
-        write_text(self.file(name), json.dumps(obj, indent=2, sort_keys=True) + "\n")
+        self.write_text(name, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
     def write_text(self, name: str, text: str) -> None:
-        write_text(self.file(name), text)
+        try:
+            write_text(self.file(name), text)
+        except OSError as err:
+            raise UsageError(f"cannot write {self.file(name)}: {err.strerror}") from None
 
     def save_params(self, name: str, block) -> None:
-        atomic_write(self.file(name), block.save_parameters)
+        try:
+            atomic_write(self.file(name), block.save_parameters)
+        except _write_errors() as err:
+            raise UsageError(f"cannot write {self.file(name)}: {_reason(err)}") from None
+
+    def save_checkpoint(self, step: int, model, trainer, hidden, meta: dict, keep: int,
+                        protect) -> None:
+        from .checkpoint import optimizer_arrays, write_checkpoint
+
+        arrays, counters = optimizer_arrays(trainer)
+        try:
+            write_checkpoint(self.file("checkpoints"), step, model, arrays, hidden,
+                             dict(meta, optimizer_counters=counters), keep, protect)
+        except _write_errors() as err:
+            raise UsageError(f"cannot write the checkpoint of step {step} in "
+                             f"{self.file('checkpoints')}: {_reason(err)}; the previous "
+                             f"checkpoint is intact") from None
+
+
+def _write_errors() -> tuple:
+    """OSError from Python's own writes; MXNetError from MXNet's (it reports a short
+    write, e.g. a full disk, as 'FileStream.Write incomplete')."""
+    import mxnet as mx
+
+    return (OSError, mx.base.MXNetError)
+
+
+def _reason(err: Exception) -> str:
+    if isinstance(err, OSError):
+        return err.strerror or str(err)
+    return "the write was cut short (disk full or file size limit?)"
 
 
 class QuietRunDir(RunDir):
@@ -86,6 +119,9 @@ class QuietRunDir(RunDir):
         pass
 
     def save_params(self, name: str, block) -> None:
+        pass
+
+    def save_checkpoint(self, *args, **kwargs) -> None:
         pass
 
 

@@ -1,5 +1,7 @@
 """Bad input gets one line on stderr and exit code 2, from the real command."""
 
+import re
+
 import pytest
 
 from conftest import TINY, VALID, data_args, dist_lm
@@ -10,9 +12,31 @@ def write(path, content: bytes):
     return path
 
 
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, heldout):
+    """A run directory with checkpoints, trained on the held-out text."""
+    run_dir = tmp_path_factory.mktemp("ckpt") / "run"
+    proc = dist_lm("train", *data_args(heldout, heldout, heldout), *TINY, "--max-steps", "10",
+                   "--checkpoint-steps", "5", "--log-interval", "5",
+                   "--run-dir", run_dir, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return run_dir
+
+
 @pytest.fixture
-def files(tmp_path):
+def files(tmp_path, trained_run, heldout):
+    import shutil
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "meta.json").write_text("{not json")
+    truncated = tmp_path / "truncated"
+    shutil.copytree(sorted((trained_run / "checkpoints").iterdir())[-1], truncated)
+    (truncated / "hidden.nd").write_bytes((truncated / "hidden.nd").read_bytes()[:10])
+    a_file = write(tmp_path / "a-file", b"x")
     return {
+        "run": trained_run, "heldout": heldout, "foreign": foreign, "truncated": truncated,
+        "under_a_file": a_file / "run",
+        "newest": sorted((trained_run / "checkpoints").iterdir())[-1],
         "empty": write(tmp_path / "empty.txt", b""),
         "latin1": write(tmp_path / "latin1.txt", b"caf\xe9 cr\xe8me\n" * 50),
         "binary": write(tmp_path / "bin.txt", bytes(range(256)) * 10),
@@ -34,17 +58,40 @@ CASES = {
     "zero batch": (lambda f: data_args() + ["--batch-size", "0"], "--batch-size must be"),
     "negative bptt": (lambda f: data_args() + ["--bptt", "-1"], "--bptt must be"),
     "unknown flag": (lambda f: data_args() + ["--bacth-size", "3"], "unrecognized arguments"),
+    "nan learning rate": (lambda f: data_args() + ["--lr", "nan"], "--lr must be a positive"),
+    "dropout of 1.5": (lambda f: data_args() + ["--dropout", "1.5"], r"--dropout must be in"),
+    "unwritable run dir": (lambda f: data_args() + ["--run-dir", f["under_a_file"]],
+                           "is not writable"),
+    "foreign checkpoint": (lambda f: data_args() + ["--resume", f["foreign"]],
+                           "unreadable meta.json"),
+    "truncated checkpoint": (lambda f: data_args() + ["--resume", f["truncated"]],
+                             "hidden.nd is damaged"),
+    "missing checkpoint": (lambda f: data_args() + ["--resume", f["nodir"]],
+                           "no such checkpoint directory"),
+    "other vocabulary": (lambda f: data_args() + ["--resume", f["newest"]],
+                         "different vocabulary"),
+    "other model": (lambda f: data_args(f["heldout"], f["heldout"], f["heldout"])
+                    + ["--resume", f["newest"], "--hidden-size", "48", "--embed-size", "48"],
+                    "different model .*embed_size, hidden_size"),
+    "other global batch": (lambda f: data_args(f["heldout"], f["heldout"], f["heldout"])
+                           + ["--resume", f["newest"], "--batch-size", "7"],
+                           "20 global columns .* this run has 7"),
+    "run dir with checkpoints, no --resume": (
+        lambda f: data_args(f["heldout"], f["heldout"], f["heldout"])
+        + ["--run-dir", f["run"]], "holds checkpoints: pass --resume auto"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_bad_input_one_line_exit_2(case, files, tmp_path):
     argv, message = CASES[case]
-    proc = dist_lm("train", *TINY, *argv(files), "--run-dir", tmp_path / "run", timeout=120)
+    args = [str(a) for a in argv(files)]
+    if "--run-dir" not in args:
+        args += ["--run-dir", str(tmp_path / "run")]
+    proc = dist_lm("train", *TINY, *args, timeout=120)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("dist-lm: error: "), proc.stderr
-    import re
     assert re.search(message, lines[0]), lines[0]
     assert "Traceback" not in proc.stderr
 

@@ -41,16 +41,18 @@ def test_event_files_hold_every_scalar_and_match_the_records(two_rank_run):
     assert len(events) == 1, events  # one writer: rank 0 (the file name carries its pid)
     acc = EventAccumulator(str(run_dir))
     acc.Reload()
+    tokens_acc = EventAccumulator(str(run_dir / "by_tokens"))
+    tokens_acc.Reload()
     tags = acc.Tags()["scalars"]
     for tag in SCALARS:
-        assert tag in tags and "by_tokens/" + tag in tags, tag
+        assert tag in tags and "by_tokens/" + tag in tokens_acc.Tags()["scalars"], tag
     rows = metrics(run_dir)
     train_rows = [r for r in rows if r["kind"] == "train"]
     loss = acc.Scalars("train/loss")
     assert [e.step for e in loss] == [r["step"] for r in train_rows] == [6, 12, 18, 24]
     for event, row in zip(loss, train_rows):
         assert event.value == pytest.approx(row["train/loss"], rel=1e-6)
-    by_tokens = acc.Scalars("by_tokens/train/loss")
+    by_tokens = tokens_acc.Scalars("by_tokens/train/loss")
     assert [e.step for e in by_tokens] == [r["tokens"] for r in train_rows]
     assert train_rows[0]["tokens"] == 6 * 2 * 5 * 35
     console = [float(x) for x in re.findall(r"Batch \d+/\d+\] loss ([0-9.]+)", stdout)]

@@ -1,0 +1,240 @@
+"""Resume, preemption, failing ranks, damaged checkpoints, non-finite values, soak.
+
+Every multi-process run is bounded by a timeout; a hang fails the test.
+"""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import BIN, TINY, VALID, data_args, dist_lm, launcher, max_param_diff, run
+from dist_lm.checkpoint import list_checkpoints, verify
+
+pytestmark = pytest.mark.dist
+# dropout stays on (0.2): resume must reproduce the dropout masks too.
+COMMON = ["--max-steps", "40", "--log-interval", "10",
+          "--epochs", "1", "--lr", "1"]
+STOP_BOUND_S = 30  # Kubernetes' default grace period
+
+
+def train_args(heldout, run_dir, *extra):
+    return [BIN / "dist-lm", "train", *data_args(VALID, heldout, heldout), *TINY, *COMMON,
+            "--run-dir", run_dir, *extra]
+
+
+def start(cmd, log):
+    env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}", OMP_NUM_THREADS="1")
+    return subprocess.Popen([str(c) for c in cmd], stdout=open(log, "w"),
+                            stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def wait_for(log, pattern, proc, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if re.search(pattern, Path(log).read_text()):
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"exited {proc.returncode} before {pattern!r}:\n{Path(log).read_text()}")
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    pytest.fail(f"no {pattern!r} within {timeout}s")
+
+
+def finish(proc, timeout):
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(f"did not exit within {timeout}s")
+
+
+def train_losses(run_dir):
+    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["train/loss"] for r in rows if r["kind"] == "train"}
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_sigterm_then_resume_equals_an_uninterrupted_run(ranks, heldout, tmp_path):
+    wrap = (lambda cmd: launcher("gloo", 2, *cmd)) if ranks == 2 else (lambda cmd: cmd)
+    columns = ["--batch-size", "10" if ranks == 2 else "20"]
+    whole = run(wrap(train_args(heldout, tmp_path / "whole", *columns)), timeout=300)
+    assert whole.returncode == 0, whole.stderr
+
+    log = tmp_path / "part.log"
+    proc = start(wrap(train_args(heldout, tmp_path / "part", *columns)), log)
+    wait_for(log, r"Batch 10/", proc)
+    sent = time.time()
+    os.killpg(proc.pid, signal.SIGTERM) if ranks == 1 else proc.send_signal(signal.SIGTERM)
+    code = finish(proc, STOP_BOUND_S)
+    stopped_s = time.time() - sent
+    text = log.read_text()
+    assert ranks == 2 or code == 143, text  # horovodrun reports its own code for ranks
+    assert code != 0 and "checkpoint written" in text, text
+    assert stopped_s < STOP_BOUND_S
+    print(f"\nSIGTERM at {ranks} rank(s): all exited {stopped_s:.1f}s after the signal")
+    (ckpt,) = list_checkpoints(tmp_path / "part" / "checkpoints")
+    stopped_at = verify(ckpt).meta["step"]
+    assert 10 <= stopped_at < 40
+
+    again = run(wrap(train_args(heldout, tmp_path / "part", *columns, "--resume", "auto")),
+                timeout=300)
+    assert again.returncode == 0, again.stderr
+    if ranks == 1:
+        assert (tmp_path / "whole" / "final.params").read_bytes() == \
+            (tmp_path / "part" / "final.params").read_bytes()
+    else:
+        assert max_param_diff(tmp_path / "whole" / "final.params",
+                              tmp_path / "part" / "final.params") < 1e-6
+    a, b = train_losses(tmp_path / "whole"), train_losses(tmp_path / "part")
+    assert sorted(a) == sorted(b) == [10, 20, 30, 40]  # no step logged twice
+    assert [b[s] for s in sorted(b)] == pytest.approx([a[s] for s in sorted(a)], rel=1e-6)
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(tmp_path / "part"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/loss")] == [10, 20, 30, 40]
+
+
+def rank_pid(rank, marker):
+    """The pid of the dist-lm process of `rank` whose command line holds marker."""
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(b"dist-lm" in c for c in cmd[:3]) and marker.encode() in b" ".join(cmd):
+            ranks = {e.split(b"=", 1)[1] for e in env
+                     if e.startswith((b"HOROVOD_RANK=", b"OMPI_COMM_WORLD_RANK="))}
+            if str(rank).encode() in ranks:
+                return int(pid)
+    return None
+
+
+KILL_BOUND_S = 60
+
+
+@pytest.mark.parametrize("controller", ["gloo", "mpi"])
+def test_killing_a_rank_ends_the_job_and_resume_finishes_it(controller, heldout, tmp_path):
+    run_dir = tmp_path / "run"
+    args = train_args(heldout, run_dir, "--batch-size", "10", "--checkpoint-steps", "10",
+                      "--watchdog-s", "30")
+    log = tmp_path / "log"
+    proc = start(launcher(controller, 2, *args), log)
+    wait_for(log, r"Batch 20/", proc)
+    pid = rank_pid(1, str(run_dir))
+    assert pid, "rank 1 not found"
+    killed = time.time()
+    os.kill(pid, signal.SIGKILL)
+    code = finish(proc, KILL_BOUND_S)
+    assert code != 0
+    ended_s = time.time() - killed
+    assert ended_s < KILL_BOUND_S
+    print(f"\nSIGKILL of rank 1 under {controller}: the job exited {ended_s:.1f}s later")
+    newest = list_checkpoints(run_dir / "checkpoints")[-1]
+    assert verify(newest).meta["step"] >= 10  # intact: every digest matches
+    again = run(launcher(controller, 2, *args, "--resume", "auto"), timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert (run_dir / "final.params").is_file()
+    assert sorted(train_losses(run_dir)) == [10, 20, 30, 40]
+
+
+def make_checkpoints(heldout, run_dir):
+    proc = dist_lm(*train_args(heldout, run_dir, "--checkpoint-steps", "10")[1:],
+                   timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return list_checkpoints(run_dir / "checkpoints")
+
+
+def test_a_truncated_newest_checkpoint_falls_back_to_the_previous(heldout, tmp_path):
+    run_dir = tmp_path / "run"
+    ckpts = make_checkpoints(heldout, run_dir)
+    assert len(ckpts) == 3  # steps 20, 30, 40 kept (--keep-checkpoints 3)
+    newest = Path(ckpts[-1]) / "model.params"
+    newest.write_bytes(newest.read_bytes()[:1000])
+    proc = dist_lm(*train_args(heldout, run_dir, "--resume", "auto", "--max-steps", "50")[1:],
+                   timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"warning: checkpoint .*step-000000040: model.params is damaged",
+                     proc.stderr)
+    assert "Batch 40/" in proc.stdout  # steps 31-40 were trained again
+    strict = dist_lm(*train_args(heldout, tmp_path / "other", "--resume", ckpts[-1],
+                                 "--resume-strict")[1:], timeout=120)
+    assert strict.returncode == 2 and "model.params is damaged" in strict.stderr
+
+
+def test_a_crash_while_saving_leaves_no_half_written_checkpoint(heldout, tmp_path):
+    run_dir = tmp_path / "run"
+    make_checkpoints(heldout, run_dir)
+    before = {p: verify(p).meta["files"] for p in list_checkpoints(run_dir / "checkpoints")}
+    # A file-size limit makes the next parameter file fail mid-write (EFBIG), as a full
+    # disk would; Python ignores SIGXFSZ, so the write raises.
+    limit = 600_000
+    assert (Path(list(before)[-1]) / "model.params").stat().st_size > limit
+    cmd = [str(c) for c in train_args(heldout, run_dir, "--resume", "auto", "--max-steps",
+                                      "50", "--checkpoint-steps", "5")]
+    import resource
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"),
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE,
+                                                                (limit, limit)))
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot write the checkpoint of step 45" in lines[0] and \
+        "previous checkpoint is intact" in lines[0], proc.stderr
+    names = os.listdir(run_dir / "checkpoints")
+    assert not [n for n in names if n.startswith(".tmp")], names
+    for path, files in before.items():
+        assert verify(path).meta["files"] == files
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_non_finite_values_are_detected(policy, heldout, tmp_path):
+    # lr 1e38 without clipping overflows the parameters to Inf/NaN within a few steps.
+    proc = dist_lm(*train_args(heldout, tmp_path, "--lr", "1e38", "--clip", "0",
+                               "--nonfinite", policy, "--checkpoint-steps", "5")[1:],
+                   timeout=300)
+    if policy == "stop":
+        assert proc.returncode == 3, proc.stderr
+        assert "non-finite loss or gradient" in proc.stderr
+        for path in list_checkpoints(tmp_path / "checkpoints"):
+            params = __import__("mxnet").nd.load(str(Path(path) / "model.params"))
+            assert all(np.isfinite(v.asnumpy()).all() for v in params.values())
+    else:
+        assert proc.returncode == 0, proc.stderr
+        rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+        skipped = [r["train/nonfinite_steps"] for r in rows if r["kind"] == "train"]
+        assert skipped[-1] > 0 and skipped == sorted(skipped)
+
+
+@pytest.mark.slow
+def test_soak_no_memory_growth_and_no_drift(tmp_path):
+    words = (VALID.read_text().split())[:60000]
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(" ".join(words[i % 200] for i in range(60000)) + "\n")
+    proc = run(launcher("gloo", 2, BIN / "dist-lm", "train", *data_args(corpus, corpus, corpus),
+                        "--model", "custom", "--embed-size", "16", "--hidden-size", "16",
+                        "--num-layers", "1", "--context", "cpu", "--batch-size", "4",
+                        "--bptt", "5", "--epochs", "2", "--log-interval", "250",
+                        "--check-sync-interval", "250", "--run-dir", tmp_path / "run"),
+               timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+            if '"train"' in l]
+    steps = rows[-1]["step"]
+    assert steps >= 2500, steps
+    rss = [r["system/rss_mb_max"] for r in rows]
+    settled = rss[len(rss) // 4]
+    print(f"soak: {steps} steps at 2 ranks, max RSS per rank {rss[0]:.0f} MB at step "
+          f"{rows[0]['step']}, {settled:.0f} MB at step {rows[len(rss) // 4]['step']}, "
+          f"{rss[-1]:.0f} MB at step {steps}")
+    assert rss[-1] - settled < 25, rss

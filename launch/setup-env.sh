@@ -71,7 +71,7 @@ if [ "$(cat "$stamp_python" 2>/dev/null)" != "$python_key" ]; then
   "${pip[@]}" install -c "$constraints" wheel setuptools
   # numpy and Cython first: gluonnlp 0.10.0 builds from its sdist against them.
   "${pip[@]}" install -c "$constraints" numpy Cython
-  "${pip[@]}" install -c "$constraints" -e "$root[$extras]"
+  "${pip[@]}" install -c "$constraints" -e "${root}[$extras]"
   echo "$python_key" >"$stamp_python"
 fi
 

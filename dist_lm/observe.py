@@ -225,4 +225,3 @@ def make_reporter(is_root: bool, run_dir: str, config: dict, steps_per_epoch: in
         return QuietReporter()
     return Reporter(run_dir, config, steps_per_epoch=steps_per_epoch,
                     resume_step=resume_step, resume_tokens=resume_tokens)
-

@@ -439,4 +439,3 @@ def evaluate_run(cfg: Config, world: World, params_file: str, split: str,
     model = build_model(cfg.model, len(vocab))
     load_params(model, params_file, ctx)
     return evaluate(hybrid_loss(model), getattr(corpus, split), world, ctx)
-

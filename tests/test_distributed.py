@@ -38,8 +38,8 @@ def test_two_ranks_take_the_same_steps_as_one_process_with_the_global_batch(
     # --check-sync-interval 1: all-gathers a digest of every parameter after every step
     # and fails the run if the ranks differ by a single bit.
     proc = run(launcher(controller, 2, *train_cmd(heldout, "--batch-size", "10",
-                                                   "--check-sync-interval", "1",
-                                                   "--run-dir", out)), timeout=300)
+                                                  "--check-sync-interval", "1",
+                                                  "--run-dir", out)), timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert max_param_diff(one_process / "final.params", out / "final.params") < 2e-6
     # Only rank 0 printed the log lines.
@@ -80,9 +80,9 @@ def test_uneven_corpus_gives_every_rank_the_same_number_of_steps(controller, tmp
     corpus.write_text(" ".join(words) + "\n")
     length = (len(words) + 1) // 6
     expected = (length - 1) // 35
-    proc = run(launcher(controller, 2, BIN / "dist-lm", "train", *data_args(corpus, corpus,
-                                                                           corpus),
-                        *TINY, "--batch-size", "3", "--epochs", "2", "--log-interval", "7",
+    proc = run(launcher(controller, 2, BIN / "dist-lm", "train",
+                        *data_args(corpus, corpus, corpus), *TINY, "--batch-size", "3",
+                        "--epochs", "2", "--log-interval", "7",
                         "--eval-batch-size", "3", "--run-dir", tmp_path / "run",
                         "--check-sync-interval", "5"), timeout=300)
     assert proc.returncode == 0, proc.stderr

@@ -32,7 +32,7 @@ def two_rank_run(tmp_path_factory, heldout):
 
 
 def metrics(run_dir):
-    return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_event_files_hold_every_scalar_and_match_the_records(two_rank_run):

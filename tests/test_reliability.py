@@ -56,7 +56,7 @@ def finish(proc, timeout):
 
 
 def train_losses(run_dir):
-    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["train/loss"] for r in rows if r["kind"] == "train"}
 
 
@@ -211,7 +211,7 @@ def test_non_finite_values_are_detected(policy, heldout, tmp_path):
             assert all(np.isfinite(v.asnumpy()).all() for v in params.values())
     else:
         assert proc.returncode == 0, proc.stderr
-        rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+        rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
         skipped = [r["train/nonfinite_steps"] for r in rows if r["kind"] == "train"]
         assert skipped[-1] > 0 and skipped == sorted(skipped)
 
@@ -228,8 +228,8 @@ def test_soak_no_memory_growth_and_no_drift(tmp_path):
                         "--check-sync-interval", "250", "--run-dir", tmp_path / "run"),
                timeout=900)
     assert proc.returncode == 0, proc.stderr
-    rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-            if '"train"' in l]
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines if '"train"' in line]
     steps = rows[-1]["step"]
     assert steps >= 2500, steps
     rss = [r["system/rss_mb_max"] for r in rows]
@@ -238,3 +238,16 @@ def test_soak_no_memory_growth_and_no_drift(tmp_path):
           f"{rows[0]['step']}, {settled:.0f} MB at step {rows[len(rss) // 4]['step']}, "
           f"{rss[-1]:.0f} MB at step {steps}")
     assert rss[-1] - settled < 25, rss
+
+
+def test_the_watchdog_ends_a_process_that_makes_no_progress():
+    code = ("import time\nfrom dist_lm.lifecycle import Watchdog\n"
+            "with Watchdog(1.0) as w:\n"
+            "    for _ in range(3):\n        time.sleep(0.4)\n        w.beat()\n"
+            "    time.sleep(30)\n")
+    started = time.time()
+    proc = run([BIN / "python", "-c", code], timeout=60)
+    assert proc.returncode == 4
+    assert time.time() - started < 10
+    assert re.search(r"dist-lm: error: no training progress for [12]s \(--watchdog-s 1\)",
+                     proc.stderr), proc.stderr

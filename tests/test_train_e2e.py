@@ -18,8 +18,9 @@ def console(stdout, pattern):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, heldout):
     run_dir = tmp_path_factory.mktemp("run")
-    proc = dist_lm("train", *data_args(VALID, heldout, heldout), *TINY, "--embed-size", "64", "--hidden-size", "64",
-                   "--lr", "20", "--max-steps", "300", "--log-interval", "50",
+    proc = dist_lm("train", *data_args(VALID, heldout, heldout), *TINY,
+                   "--embed-size", "64", "--hidden-size", "64", "--lr", "20",
+                   "--max-steps", "300", "--log-interval", "50",
                    "--eval-first", "--dropout", "0", "--run-dir", run_dir, timeout=600)
     assert proc.returncode == 0, proc.stderr
     return run_dir, proc.stdout
@@ -59,8 +60,9 @@ def test_eval_reproduces_the_logged_test_perplexity(trained, heldout):
 def test_same_seed_same_config_identical_results(tmp_path, heldout):
     outputs = []
     for name in ("a", "b"):
-        proc = dist_lm("train", *data_args(VALID, heldout, heldout), *TINY, "--max-steps", "40", "--log-interval",
-                       "10", "--dropout", "0.3", "--run-dir", tmp_path / name, timeout=300)
+        proc = dist_lm("train", *data_args(VALID, heldout, heldout), *TINY,
+                       "--max-steps", "40", "--log-interval", "10", "--dropout", "0.3",
+                       "--run-dir", tmp_path / name, timeout=300)
         assert proc.returncode == 0, proc.stderr
         outputs.append(proc.stdout)
     strip = [re.sub(r"throughput [0-9.]+|time cost [0-9.]+s", "", o) for o in outputs]

@@ -39,6 +39,7 @@ import json
 import os
 import resource
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -96,6 +97,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="before each run, wait until at most this fraction of the CPU is busy")
     p.add_argument("--max-wait-s", type=float, default=300.0,
                    help="how long to wait for that before measuring anyway (reported)")
+    p.add_argument("--timeout-s", type=float, default=1800.0,
+                   help="a measurement that takes longer fails the bench")
     p.add_argument("--json", help="also write the results here")
 
 
@@ -279,19 +282,26 @@ def _run_one(variant: str, args: argparse.Namespace, cores: int) -> Dict:
                PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
     ours0 = sum(resource.getrusage(resource.RUSAGE_CHILDREN)[:2])
     total0, busy0 = _cpu_jiffies()
-    proc = subprocess.run(_command(variant, args), capture_output=True, text=True, env=env,
-                          timeout=1800)
+    # Its own process group, so that a timeout also ends the ranks under mpirun/horovodrun.
+    proc = subprocess.Popen(_command(variant, args), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=args.timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        _fail(variant, f"no result within --timeout-s {args.timeout_s:g}", stderr)
     total1, busy1 = _cpu_jiffies()
     ours1 = sum(resource.getrusage(resource.RUSAGE_CHILDREN)[:2])
-    lines = [line for line in proc.stdout.splitlines() if "BENCH " in line]
+    lines = [line for line in stdout.splitlines() if "BENCH " in line]
     if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"{variant} failed ({proc.returncode}): {proc.stderr[-2000:]}")
+        _fail(variant, f"exit code {proc.returncode}", stderr)
     result = json.loads(lines[-1].split("BENCH ", 1)[1])
     if variant == "pair2":
         # Each process reports its own half; together they ran at the sum of the rates.
         both = [json.loads(line.split("BENCH ", 1)[1]) for line in lines]
         if len(both) != 2:
-            raise RuntimeError(f"pair2: expected 2 results, got {len(both)}")
+            _fail(variant, f"{len(both)} results instead of 2", stderr)
         for key in ("tokens_per_s", "samples_per_s"):
             result[key] = sum(b[key] for b in both)
         result["step_ms"] = max(b["step_ms"] for b in both)
@@ -303,7 +313,20 @@ def _run_one(variant: str, args: argparse.Namespace, cores: int) -> Dict:
     return result
 
 
+def _fail(variant: str, what: str, stderr: str) -> None:
+    """Passes the worker's own output on (its traceback, if any), then stops the bench
+    with one line that names the variant and the worker's last word."""
+    from .errors import BenchFailed
+
+    sys.stderr.write(stderr[-4000:])
+    last = next((line.strip() for line in reversed(stderr.splitlines()) if line.strip()), "")
+    raise BenchFailed(f"bench: {variant} failed ({what})" + (f": {last}" if last else ""))
+
+
 def run(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from . import data as D
     from .errors import UsageError
     from .model import PRESETS
 
@@ -313,10 +336,18 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"unknown variant(s) {bad}; choose from {', '.join(VARIANTS)}")
     if args.model not in PRESETS or PRESETS[args.model]["family"] != "standard":
         raise UsageError("bench compares against the zoo StandardRNN: use a standard_lstm_lm_*")
-    if args.batch_size % 2:
-        raise UsageError("--batch-size must be even (2-rank variants split it)")
-    if not os.path.isfile(args.train_file):
-        raise UsageError(f"--train-file {args.train_file}: no such file")
+    if args.batch_size < 2 or args.batch_size % 2:
+        raise UsageError("--batch-size must be even and positive (2-rank variants split it)")
+    for flag, value, least in (("--bptt", args.bptt, 1), ("--steps", args.steps, 1),
+                               ("--warmup", args.warmup, 0), ("--repeats", args.repeats, 1)):
+        if value < least:
+            raise UsageError(f"{flag} must be at least {least}, got {value}")
+    if not 0 <= args.max_busy <= 1:
+        raise UsageError(f"--max-busy is a fraction of the CPU, 0 to 1, got {args.max_busy}")
+    # The workers' own checks, made once here so that bad data stops the bench at once.
+    tokens = D.read_tokens(args.train_file)
+    D.shard_columns(np.zeros(len(tokens)), args.batch_size, 0, 1, args.bptt,
+                    what=args.train_file)
     cores = len(os.sched_getaffinity(0))
     load_at_start = os.getloadavg()[0]
     results: Dict[str, List[Dict]] = {v: [] for v in variants}

@@ -18,7 +18,7 @@ import sys
 from typing import List, Optional
 
 from .config import add_config_args, config_from_args
-from .errors import NonFiniteError, Preempted, RanksOutOfSync, UsageError
+from .errors import BenchFailed, NonFiniteError, Preempted, RanksOutOfSync, UsageError
 from .lifecycle import STOP
 
 
@@ -183,7 +183,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         commands = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate,
                     "report": cmd_report, "bench": cmd_bench}
         return commands[args.command](args)
-    except (UsageError, RanksOutOfSync, NonFiniteError, Preempted) as err:
+    except (UsageError, RanksOutOfSync, NonFiniteError, Preempted, BenchFailed) as err:
         rank = os.environ.get("HOROVOD_RANK", os.environ.get("OMPI_COMM_WORLD_RANK"))
         where = f"[rank {rank}] " if rank is not None else ""
         kind = "stopped" if isinstance(err, Preempted) else "error"

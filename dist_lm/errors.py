@@ -19,6 +19,12 @@ class NonFiniteError(Exception):
     exit_code = 3
 
 
+class BenchFailed(Exception):
+    """A `dist-lm bench` measurement failed or timed out: exit code 1."""
+
+    exit_code = 1
+
+
 class Preempted(Exception):
     """SIGTERM/SIGINT: every rank stopped at the same step after rank 0 checkpointed.
     Exit code 143 (128 + SIGTERM), what Kubernetes and schedulers expect of a stop."""

@@ -62,8 +62,8 @@ class _LSTM(rnn.LSTM):
     standard_lstm_lm_200, ~20x a memcpy, and about as much again for the split in
     backward. Every block has a multiple of 4H elements, so viewing each as rows of 4H
     and concatenating rows gives the same vector, bit for bit, through the fast row copy
-    (0.3 ms). Layout TNC, one direction, no projection or state clipping, input_size
-    given (the zoo's LSTMs).
+    (0.3 ms). Layout TNC, one direction, no projection or sequence lengths (the zoo's
+    LSTMs; the constructor refuses others).
     """
 
     def _alias(self) -> str:
@@ -72,7 +72,16 @@ class _LSTM(rnn.LSTM):
         # they were.
         return "lstm"
 
-    def hybrid_forward(self, F, inputs, states, sequence_length=None, **kwargs):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if (self._layout, self._dir, self._projection_size, self._use_sequence_length) != \
+                ("TNC", 1, None, False):
+            raise ValueError("_LSTM packs weights for a one-direction TNC LSTM without "
+                             "projection or sequence lengths; use rnn.LSTM otherwise")
+
+    def _forward_kernel(self, F, inputs, states, sequence_length, **kwargs):
+        # Only the packing differs from Gluon's kernel; hybrid_forward (state checks,
+        # skip_states) is rnn.LSTM's. Each block viewed as (-1, 4H) rows.
         width = 4 * self._hidden_size
         flat = F.concat(*[kwargs[f"l{layer}_{gate}_{kind}"].reshape((-1, width))
                           for kind in ("weight", "bias")
@@ -80,7 +89,10 @@ class _LSTM(rnn.LSTM):
                           for gate in ("i2h", "h2h")], dim=0).reshape((-1,))
         out = F.RNN(inputs, flat, *states, state_size=self._hidden_size,
                     num_layers=self._num_layers, bidirectional=False, p=self._dropout,
-                    state_outputs=True, mode="lstm")
+                    state_outputs=True, mode="lstm",
+                    lstm_state_clip_min=self._lstm_state_clip_min,
+                    lstm_state_clip_max=self._lstm_state_clip_max,
+                    lstm_state_clip_nan=self._lstm_state_clip_nan)
         return out[0], [out[1], out[2]]
 
 

@@ -310,3 +310,51 @@ def test_a_training_step_never_waits_for_the_device(monkeypatch, clip_mode, nonf
     monkeypatch.undo()
     loss, norm, finite, _ = results[-1]
     assert np.isfinite(loss.asscalar()) and norm.asscalar() > 0 and finite.asscalar() == 1.0
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--steps", "0"], "dist-lm: error: --steps must be at least 1, got 0"),
+    (["--repeats", "0"], "dist-lm: error: --repeats must be at least 1, got 0"),
+    (["--batch-size", "7"],
+     "dist-lm: error: --batch-size must be even and positive (2-rank variants split it)"),
+    (["--max-busy", "5"], "dist-lm: error: --max-busy is a fraction of the CPU, 0 to 1, got 5.0"),
+])
+def test_bench_rejects_bad_flags_before_measuring(heldout, flags, message):
+    proc = dist_lm("bench", "--train-file", heldout, *flags, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [message]
+
+
+@pytest.mark.parametrize("text,message", [
+    ("", "is empty (no words)"),
+    ("a few words only\n", "too few for one batch of 20 columns x 36 tokens"),
+])
+def test_bench_rejects_unusable_data_before_measuring(tmp_path, text, message):
+    path = tmp_path / "train.tokens"
+    path.write_text(text)
+    proc = dist_lm("bench", "--train-file", path, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dist-lm: error: ") and message in lines[0]
+
+
+@pytest.mark.dist
+def test_a_bench_measurement_that_overruns_fails_and_leaves_no_rank_behind(heldout):
+    # mpirun: killed alone, it would leave its ranks running; the bench kills the group.
+    proc = dist_lm("bench", "--train-file", heldout, "--variants", "hvd2-mpi",
+                   "--repeats", "1", "--max-busy", "1", "--timeout-s", "3", timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "dist-lm: error: bench: hvd2-mpi failed (no result within --timeout-s 3)")
+    left = subprocess.run(["pgrep", "-f", "dist_lm.bench --worker hvd2-mpi"],
+                          capture_output=True, text=True)
+    assert left.stdout == "", f"ranks left running: {left.stdout}"
+
+
+def test_the_lstm_refuses_layouts_its_weight_packing_does_not_cover():
+    from dist_lm.model import _LSTM
+
+    with pytest.raises(ValueError, match="one-direction TNC LSTM"):
+        _LSTM(8, 1, layout="NTC", input_size=4)
+    with pytest.raises(ValueError, match="one-direction TNC LSTM"):
+        _LSTM(8, 1, bidirectional=True, input_size=4)

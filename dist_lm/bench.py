@@ -39,7 +39,6 @@ import json
 import os
 import resource
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -280,15 +279,17 @@ def _run_one(variant: str, args: argparse.Namespace, cores: int) -> Dict:
     ranks = 2 if variant.startswith("hvd2") or variant == "pair2" else 1
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, cores // ranks)),
                PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    from .procs import kill_session
+
     ours0 = sum(resource.getrusage(resource.RUSAGE_CHILDREN)[:2])
     total0, busy0 = _cpu_jiffies()
-    # Its own process group, so that a timeout also ends the ranks under mpirun/horovodrun.
+    # Its own session, so that a timeout also ends the ranks under mpirun/horovodrun.
     proc = subprocess.Popen(_command(variant, args), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
     try:
         stdout, stderr = proc.communicate(timeout=args.timeout_s)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_session(proc.pid)
         stdout, stderr = proc.communicate()
         _fail(variant, f"no result within --timeout-s {args.timeout_s:g}", stderr)
     total1, busy1 = _cpu_jiffies()

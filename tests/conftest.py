@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from dist_lm.procs import kill_session
 
 REPO = Path(__file__).resolve().parents[1]
 WIKITEXT2 = REPO.parent / "shared" / "data" / "wikitext-2"
@@ -27,7 +28,7 @@ TINY = ["--model", "custom", "--embed-size", "32", "--hidden-size", "32", "--num
 
 
 def run(cmd, timeout=300, env=None, cwd=None):
-    """Runs cmd in its own process group; a timeout kills the whole group and fails."""
+    """Runs cmd in its own session; a timeout kills the whole session (ranks too) and fails."""
     full_env = dict(os.environ, PATH=f"{BIN}:{os.environ.get('PATH', '')}",
                     OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     full_env.update(env or {})
@@ -37,7 +38,7 @@ def run(cmd, timeout=300, env=None, cwd=None):
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_session(proc.pid)
         out, err = proc.communicate()
         pytest.fail(f"timed out after {timeout}s: {cmd}\nstdout:\n{out}\nstderr:\n{err}")
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)

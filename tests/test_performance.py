@@ -4,9 +4,11 @@ No timings: speed is measured by `dist-lm bench`, never asserted by a unit test.
 """
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import gluonnlp as nlp
 import mxnet as mx
@@ -14,10 +16,11 @@ import numpy as np
 import pytest
 from mxnet import autograd, gluon
 
-from conftest import dist_lm
+from conftest import BIN, dist_lm
 from dist_lm.bench import flops_per_token, param_count
 from dist_lm.config import ModelConfig
 from dist_lm.model import PRESETS, TokenLoss, build_model
+from dist_lm.procs import kill_session
 
 V = 300
 DROPOUT_OFF = dict(dropout=0.0, weight_drop=0.0, drop_h=0.0, drop_i=0.0, drop_e=0.0)
@@ -338,17 +341,36 @@ def test_bench_rejects_unusable_data_before_measuring(tmp_path, text, message):
     assert len(lines) == 1 and lines[0].startswith("dist-lm: error: ") and message in lines[0]
 
 
+def _ranks_of(variant):
+    """Pids of the bench's worker ranks for variant that are running now."""
+    rank = f"^[^ ]*python[0-9.]* -m dist_lm.bench --worker {variant}"  # not mpirun's line
+    found = subprocess.run(["pgrep", "-f", rank], capture_output=True, text=True)
+    return found.stdout.split()
+
+
 @pytest.mark.dist
 def test_a_bench_measurement_that_overruns_fails_and_leaves_no_rank_behind(heldout):
-    # mpirun: killed alone, it would leave its ranks running; the bench kills the group.
-    proc = dist_lm("bench", "--train-file", heldout, "--variants", "hvd2-mpi",
-                   "--repeats", "1", "--max-busy", "1", "--timeout-s", "3", timeout=120)
+    # Open MPI gives each rank a process group of its own: killing mpirun's group alone
+    # would leave both ranks running. The ranks must be up before the deadline for the
+    # test to mean anything, so the run is watched until they are.
+    proc = subprocess.Popen(
+        [str(BIN / "dist-lm"), "bench", "--train-file", str(heldout), "--variants", "hvd2-mpi",
+         "--repeats", "1", "--max-busy", "1", "--steps", "5000", "--timeout-s", "25"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        env=dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}"))
+    try:
+        deadline = time.monotonic() + 25
+        while len(_ranks_of("hvd2-mpi")) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        seen = _ranks_of("hvd2-mpi")
+        _, err = proc.communicate(timeout=120)
+    finally:
+        kill_session(proc.pid)
+    assert len(seen) == 2, "the two ranks never started"
     assert proc.returncode == 1
-    assert proc.stderr.strip().splitlines()[-1].startswith(
-        "dist-lm: error: bench: hvd2-mpi failed (no result within --timeout-s 3)")
-    left = subprocess.run(["pgrep", "-f", "dist_lm.bench --worker hvd2-mpi"],
-                          capture_output=True, text=True)
-    assert left.stdout == "", f"ranks left running: {left.stdout}"
+    assert err.strip().splitlines()[-1].startswith(
+        "dist-lm: error: bench: hvd2-mpi failed (no result within --timeout-s 25)")
+    assert _ranks_of("hvd2-mpi") == [], "ranks left running"
 
 
 def test_the_lstm_refuses_layouts_its_weight_packing_does_not_cover():

@@ -16,6 +16,7 @@ import pytest
 
 from conftest import BIN, TINY, VALID, data_args, dist_lm, launcher, max_param_diff, run
 from dist_lm.checkpoint import list_checkpoints, verify
+from dist_lm.procs import kill_session
 
 pytestmark = pytest.mark.dist
 # dropout stays on (0.2): resume must reproduce the dropout masks too.
@@ -43,7 +44,7 @@ def wait_for(log, pattern, proc, timeout=240):
         if proc.poll() is not None:
             pytest.fail(f"exited {proc.returncode} before {pattern!r}:\n{Path(log).read_text()}")
         time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
+    kill_session(proc.pid)
     pytest.fail(f"no {pattern!r} within {timeout}s")
 
 
@@ -51,7 +52,7 @@ def finish(proc, timeout):
     try:
         return proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_session(proc.pid)
         pytest.fail(f"did not exit within {timeout}s")
 
 

@@ -46,6 +46,8 @@ import tempfile
 import time
 from typing import Dict, List, Tuple
 
+from .procs import kill_session
+
 VARIANTS = ("reference", "reference-tuned", "local", "hvd1", "hvd2-gloo", "hvd2-mpi", "pair2")
 DEFAULT_VARIANTS = ("reference", "local", "hvd1", "hvd2-gloo", "hvd2-mpi")
 
@@ -279,8 +281,6 @@ def _run_one(variant: str, args: argparse.Namespace, cores: int) -> Dict:
     ranks = 2 if variant.startswith("hvd2") or variant == "pair2" else 1
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, cores // ranks)),
                PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
-    from .procs import kill_session
-
     ours0 = sum(resource.getrusage(resource.RUSAGE_CHILDREN)[:2])
     total0, busy0 = _cpu_jiffies()
     # Its own session, so that a timeout also ends the ranks under mpirun/horovodrun.
@@ -345,6 +345,11 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"{flag} must be at least {least}, got {value}")
     if not 0 <= args.max_busy <= 1:
         raise UsageError(f"--max-busy is a fraction of the CPU, 0 to 1, got {args.max_busy}")
+    if args.timeout_s <= 0 or args.max_wait_s < 0:
+        raise UsageError("--timeout-s must be positive and --max-wait-s not negative")
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        # Checked now, not after an hour of measuring.
+        raise UsageError(f"--json {args.json}: its directory does not exist")
     # The workers' own checks, made once here so that bad data stops the bench at once.
     tokens = D.read_tokens(args.train_file)
     D.shard_columns(np.zeros(len(tokens)), args.batch_size, 0, 1, args.bptt,

@@ -321,6 +321,10 @@ def test_a_training_step_never_waits_for_the_device(monkeypatch, clip_mode, nonf
     (["--batch-size", "7"],
      "dist-lm: error: --batch-size must be even and positive (2-rank variants split it)"),
     (["--max-busy", "5"], "dist-lm: error: --max-busy is a fraction of the CPU, 0 to 1, got 5.0"),
+    (["--timeout-s", "0"],
+     "dist-lm: error: --timeout-s must be positive and --max-wait-s not negative"),
+    (["--json", "/nonexistent-dir/bench.json"],
+     "dist-lm: error: --json /nonexistent-dir/bench.json: its directory does not exist"),
 ])
 def test_bench_rejects_bad_flags_before_measuring(heldout, flags, message):
     proc = dist_lm("bench", "--train-file", heldout, *flags, timeout=120)

@@ -81,7 +81,8 @@ def param_count(embed: int, hidden: int, layers: int, vocab: int, tied: bool) ->
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-file", required=True, help="text to train on")
     p.add_argument("--model", default="standard_lstm_lm_200")
-    p.add_argument("--batch-size", type=int, default=20, help="global columns per step")
+    p.add_argument("--global-batch-size", type=int, default=20,
+                   help="global columns per step (2-rank variants split them)")
     p.add_argument("--bptt", type=int, default=35)
     p.add_argument("--steps", type=int, default=40, help="timed steps per measurement")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
@@ -111,8 +112,9 @@ def worker(args: argparse.Namespace) -> None:
     from . import data as D
     from .config import Config, ModelConfig
     from .dist import make_world
-    from .model import PRESETS, build_model
-    from .train import Stepper, seed_everything, to_nd
+    from .model import build_model
+    from .presets import PRESETS
+    from .stepper import Stepper, seed_everything, to_nd
 
     reference = args.variant.startswith("reference")
     # pair2: each of the two processes is its own world of one; only the columns split.
@@ -125,7 +127,7 @@ def worker(args: argparse.Namespace) -> None:
     vocab = D.build_vocab(tokens)
     parts, part = (2, int(os.environ["OMPI_COMM_WORLD_RANK"])) if pair else \
         (world.size, world.rank)
-    columns = args.batch_size // parts
+    columns = args.global_batch_size // parts
     shard = D.shard_columns(D.encode(tokens, vocab), columns, part, parts, args.bptt)
     batches = [(shard.batch(i % shard.num_batches)) for i in range(args.warmup + args.steps)]
     cfg = Config(model=ModelConfig(model=args.model, **PRESETS[args.model]))
@@ -188,7 +190,7 @@ def worker(args: argparse.Namespace) -> None:
         allreduce_alone_s = (time.perf_counter() - start) / args.steps
     rss = world.allgather_object(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                                  name="bench.rss")
-    reported = columns if pair else args.batch_size  # the columns this line speaks for
+    reported = columns if pair else args.global_batch_size  # the columns this line speaks for
     if world.is_root:
         print("BENCH " + json.dumps({
             "variant": args.variant, "ranks": parts, "seconds": seconds,
@@ -222,7 +224,8 @@ def profile(timed, args: argparse.Namespace, world) -> None:
     ops = {name: v["Total"] for name, v in stats.get("Time", {}).get("operator", {}).items()}
     if world.is_root:
         print(f"profile: {args.variant}, {os.environ.get('OMP_NUM_THREADS')} threads, "
-              f"{args.batch_size // world.size} columns: step {wall / args.steps * 1e3:.1f} ms, "
+              f"{args.global_batch_size // world.size} columns: "
+              f"step {wall / args.steps * 1e3:.1f} ms, "
               f"{cpu / wall:.2f} cores busy, {faults / args.steps:.0f} minor page faults/step")
         for name, total in sorted(ops.items(), key=lambda kv: -kv[1])[:20]:
             print(f"  {total / args.steps:8.2f} ms/step  {name}")
@@ -235,7 +238,7 @@ def _command(variant: str, args: argparse.Namespace) -> List[str]:
     bin_dir = os.path.dirname(sys.executable)
     inner = [sys.executable, "-m", "dist_lm.bench", "--worker", variant,
              "--train-file", args.train_file, "--model", args.model,
-             "--batch-size", str(args.batch_size), "--bptt", str(args.bptt),
+             "--global-batch-size", str(args.global_batch_size), "--bptt", str(args.bptt),
              "--steps", str(args.steps), "--warmup", str(args.warmup)]
     inner += ["--fp16-allreduce"] if args.fp16_allreduce else []
     for flag, value in (("--cycle-time-ms", args.cycle_time_ms),
@@ -329,7 +332,7 @@ def run(args: argparse.Namespace) -> int:
 
     from . import data as D
     from .errors import UsageError
-    from .model import PRESETS
+    from .presets import PRESETS
 
     variants = [v for v in args.variants.split(",") if v]
     bad = [v for v in variants if v not in VARIANTS]
@@ -337,8 +340,9 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"unknown variant(s) {bad}; choose from {', '.join(VARIANTS)}")
     if args.model not in PRESETS or PRESETS[args.model]["family"] != "standard":
         raise UsageError("bench compares against the zoo StandardRNN: use a standard_lstm_lm_*")
-    if args.batch_size < 2 or args.batch_size % 2:
-        raise UsageError("--batch-size must be even and positive (2-rank variants split it)")
+    if args.global_batch_size < 2 or args.global_batch_size % 2:
+        raise UsageError("--global-batch-size must be even and positive (2-rank variants "
+                         "split it)")
     for flag, value, least in (("--bptt", args.bptt, 1), ("--steps", args.steps, 1),
                                ("--warmup", args.warmup, 0), ("--repeats", args.repeats, 1)):
         if value < least:
@@ -352,7 +356,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--json {args.json}: its directory does not exist")
     # The workers' own checks, made once here so that bad data stops the bench at once.
     tokens = D.read_tokens(args.train_file)
-    D.shard_columns(np.zeros(len(tokens)), args.batch_size, 0, 1, args.bptt,
+    D.shard_columns(np.zeros(len(tokens)), args.global_batch_size, 0, 1, args.bptt,
                     what=args.train_file)
     cores = len(os.sched_getaffinity(0))
     load_at_start = os.getloadavg()[0]
@@ -369,10 +373,10 @@ def run(args: argparse.Namespace) -> int:
     vocab = results[variants[0]][0]["vocab"]
     flops = flops_per_token(m["embed_size"], m["hidden_size"], m["num_layers"], vocab,
                             m["tie_weights"])
-    print(f"dist-lm bench: {args.model}, vocab {vocab}, global batch {args.batch_size} x bptt "
-          f"{args.bptt}, {args.steps} timed steps after {args.warmup}, {args.repeats} "
-          f"repeats, {cores} cores, {flops / 1e6:.1f} MFLOP/token, 1-min load at start "
-          f"{load_at_start:.2f}")
+    print(f"dist-lm bench: {args.model}, vocab {vocab}, global batch "
+          f"{args.global_batch_size} x bptt {args.bptt}, {args.steps} timed steps after "
+          f"{args.warmup}, {args.repeats} repeats, {cores} cores, {flops / 1e6:.1f} "
+          f"MFLOP/token, 1-min load at start {load_at_start:.2f}")
     print(f"{'variant':<15} {'ranks':>5} {'thr':>3} {'tokens/s min/med/max':>24} "
           f"{'samples/s':>9} {'x ref':>6} {'x local':>7} {'GFLOP/s':>7} {'step ms':>7} "
           f"{'allreduce':>9} {'AR ms':>6} {'peak MB/proc':>12}")

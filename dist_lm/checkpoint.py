@@ -1,24 +1,29 @@
-"""Checkpoints: one explicit set of parts, written atomically by rank 0, verified on load.
+"""Checkpoints: one explicit set of stateful parts, saved and restored here and only here.
 
-    RUN_DIR/checkpoints/step-000001200/
-        model.params     parameters (MXNet's NDArray format)
-        optimizer.nd     optimizer state arrays (momentum, Adam moments), NDArray format
-        hidden.nd        the recurrent state of every column of the global batch
-        meta.json        everything else (below), and the sha256 of the three files above
+The parts (`Parts`), each saved whole and restored in place:
 
-meta.json holds the format version, epoch, global step, the next batch of the epoch (the
-position in the data), learning rate, best validation loss (the plateau state), the test
-loss at the best, the interval sums of the log line in progress, optimizer counters,
-the config, the vocabulary's digest, the global batch layout and the random-number scheme.
-Nothing is pickled. Randomness needs no saved state: before every step the MXNet
+    model       parameters                               -> model.params
+    trainer     optimizer state arrays (momentum, Adam)  -> optimizer.nd
+                and counters (update counts)             -> meta.json
+    schedule    learning rate and plateau state          -> meta.json
+    progress    epoch, next batch, step, best step, test loss at the best  -> meta.json
+    meter       the log interval in progress and the non-finite count      -> meta.json
+    hidden      the recurrent state of every column of the global batch    -> hidden.nd
+
+besides which meta.json records the format version, the config, the vocabulary's digest,
+the global batch layout, the random-number scheme and the sha256 of the three array
+files. Nothing is pickled. Randomness needs no saved state: before every step the MXNet
 generator is re-seeded from (seed, rank, step), so a resumed run draws the same dropout
 masks as an uninterrupted one.
 
-A checkpoint is written into `.tmp-step-...`, every file fsynced, then the directory is
+    RUN_DIR/checkpoints/step-000001200/{model.params, optimizer.nd, hidden.nd, meta.json}
+
+Every rank takes part in a save (hidden states are gathered, flags agreed); rank 0 alone
+writes, through its run directory (the other ranks' run directory writes nothing). A
+checkpoint is written into `.tmp-step-...`, every file fsynced, then the directory is
 renamed to `step-...` and the parent fsynced: a crash leaves either the complete
-checkpoint or no checkpoint under the final name, never a half-written one. `load_newest`
-checks every digest and falls back to the previous checkpoint (with a warning) when the
-newest is damaged.
+checkpoint or no checkpoint under the final name. `find_resume` checks every digest and
+falls back to the previous checkpoint (with a warning) when the newest is damaged.
 """
 
 from __future__ import annotations
@@ -29,17 +34,41 @@ import os
 import re
 import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional
 
 import mxnet as mx
 import numpy as np
 
 from .errors import UsageError
+from .schedule import LRSchedule
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 FILES = ("model.params", "optimizer.nd", "hidden.nd")
 STEP_DIR = re.compile(r"^step-(\d{9})$")
+RNG_SCHEME = "mx.random.seed(crc32('seed:rank:step')) before every step"
+
+
+@dataclass
+class Progress:
+    """Where the run is in the data."""
+
+    epoch: int = 0
+    batch: int = 0                    # next batch of the epoch; all of them: validation due
+    step: int = 0                     # optimizer steps done
+    best_step: Optional[int] = None   # the checkpoint to keep when pruning
+    test_loss: Optional[float] = None  # at the best validation loss
+
+
+@dataclass
+class Parts:
+    """The live objects a checkpoint saves and restores."""
+
+    model: object        # LSTMLM
+    trainer: object      # gluon.Trainer or horovod's DistributedTrainer
+    schedule: LRSchedule
+    progress: Progress
+    meter: object        # meter.IntervalMeter
 
 
 def sha256(path: str) -> str:
@@ -52,6 +81,96 @@ def sha256(path: str) -> str:
 
 def text_digest(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+class Checkpointer:
+    """Saves and restores `Parts` for one run; every rank calls it at the same points."""
+
+    def __init__(self, parts: Parts, world, run_dir, cfg, vocab_json: str,
+                 batches_per_epoch: int):
+        self.parts, self.world, self.run_dir, self.cfg = parts, world, run_dir, cfg
+        self.vocab_digest = text_digest(vocab_json)
+        self.layout = {"global_columns": world.size * cfg.run.batch_size,
+                       "bptt": cfg.run.bptt, "ranks": world.size,
+                       "batches_per_epoch": batches_per_epoch}
+
+    def save(self, hidden: List[mx.nd.NDArray]) -> None:
+        """Checkpoints the parts as they are now; `hidden` is this rank's recurrent state,
+        each (L, b, H). Raises on every rank if rank 0 cannot write."""
+        from .dist import run_everywhere
+
+        p = self.parts
+        meter_state = p.meter.state_dict()  # reduced over ranks: every rank takes part
+        gathered = self.world.allgather_object([h.asnumpy() for h in hidden],
+                                               name="ckpt.hidden")
+        # Columns of the global batch in rank order: (L, N*b, H) per state array.
+        full = [np.concatenate([g[i] for g in gathered], axis=1) for i in range(len(hidden))]
+        arrays, counters = optimizer_arrays(p.trainer)
+        meta = {"progress": asdict(p.progress), "schedule": p.schedule.state_dict(),
+                "meter": meter_state, "optimizer_counters": counters,
+                "config": self.cfg.to_dict(), "vocab_sha256": self.vocab_digest,
+                "layout": self.layout, "rng": RNG_SCHEME}
+        run_everywhere(self.world, lambda: self.run_dir.save_checkpoint(
+            p.progress.step, p.model, arrays, full, meta, self.cfg.reliability.keep_checkpoints,
+            p.progress.best_step), "ckpt.write")
+
+    def resume(self, ctx: mx.Context) -> Optional[List[np.ndarray]]:
+        """Finds the checkpoint to resume from (rank 0), refuses one that does not belong to
+        this run, and loads it into the parts on every rank. Returns the global hidden
+        state when the checkpoint is inside an epoch, else None."""
+        from .dist import run_everywhere
+
+        rel = self.cfg.reliability
+        found = run_everywhere(self.world, lambda: self.run_dir.find_resume(
+            rel.resume, rel.resume_strict), "resume")
+        meta = self.world.broadcast_object(found.meta if found else None, name="resume.meta")
+        if meta is None:
+            return None
+        run_everywhere(self.world, lambda: self.check_compatible(meta), "resume-check")
+        p = self.parts
+        arrays = run_everywhere(
+            self.world, lambda: self.run_dir.load_checkpoint(found, p.model, ctx), "resume-load")
+        arrays = self.world.broadcast_object(arrays, name="resume.arrays")
+        hidden = arrays.pop("hidden")
+        restore_optimizer(p.trainer, {k: mx.nd.array(v) for k, v in arrays.items()},
+                          meta["optimizer_counters"], ctx)
+        p.schedule.load_state_dict(meta["schedule"])
+        vars(p.progress).update(meta["progress"])
+        p.meter.load_state_dict(meta["meter"])
+        inside_epoch = 0 < p.progress.batch < self.layout["batches_per_epoch"]
+        return hidden if inside_epoch else None
+
+    def check_compatible(self, meta: dict) -> None:
+        """Refuses a checkpoint that does not belong to this run's data, model and layout."""
+        where = f"checkpoint at step {meta['step']}"
+        if meta.get("vocab_sha256") != self.vocab_digest:
+            raise UsageError(f"{where} was trained with a different vocabulary (other "
+                             f"training data or --min-freq/--max-vocab)")
+        saved_model, model = meta["config"]["model"], self.cfg.to_dict()["model"]
+        if saved_model != model:
+            diff = sorted(k for k in saved_model if saved_model[k] != model.get(k))
+            raise UsageError(f"{where} is of a different model (differs in "
+                             f"{', '.join(diff)})")
+        saved, now = meta["layout"], self.layout
+        if (saved["global_columns"], saved["bptt"]) != (now["global_columns"], now["bptt"]):
+            raise UsageError(f"{where} used {saved['global_columns']} global columns x bptt "
+                             f"{saved['bptt']}; this run has {now['global_columns']} x "
+                             f"{now['bptt']} (keep the global batch: --global-batch-size "
+                             f"{saved['global_columns']})")
+
+
+def hidden_for_rank(full: List[np.ndarray], world, ctx: mx.Context) -> List[mx.nd.NDArray]:
+    """This rank's columns of a saved global hidden state, each (L, b, H)."""
+    b = full[0].shape[1] // world.size
+    return [mx.nd.array(h[:, world.rank * b:(world.rank + 1) * b], ctx=ctx) for h in full]
+
+
+def load_params(model, params_file: str, ctx: mx.Context) -> None:
+    try:
+        model.load_parameters(params_file, ctx=ctx)
+    except (mx.base.MXNetError, AssertionError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UsageError(f"cannot load {params_file} into this run's model: {first}") from None
 
 
 # --- optimizer state without pickle --------------------------------------------------
@@ -84,7 +203,13 @@ def restore_optimizer(trainer, arrays: Dict[str, mx.nd.NDArray], counters: dict,
         updater.states_synced[int(idx)] = True
     opt = trainer._optimizer
     opt.num_update = counters["num_update"]
-    opt._index_update_count = {int(k): v for k, v in counters["index_update_count"].items()}
+    # The updater re-selects the counts of the device it updates on from
+    # _all_index_update_counts before every update, so they must be restored there (a
+    # new _index_update_count alone is dropped at the next step and Adam's bias
+    # correction restarts from step 1).
+    counts = {int(k): v for k, v in counters["index_update_count"].items()}
+    opt._all_index_update_counts = {ctx.device_id: counts}
+    opt._index_update_count = counts
 
 
 # --- writing -------------------------------------------------------------------------

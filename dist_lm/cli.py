@@ -39,19 +39,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate a run's saved parameters on a text")
     p.add_argument("--run-dir", required=True, help="the run directory of a training run")
-    p.add_argument("--params", default="best",
-                   help="'best', 'final', or a .params file of the same model")
+    p.add_argument("--params", default="auto",
+                   help="'best', 'final', 'auto' (best when the run has one, else final), "
+                        "or a .params file of the same model")
     p.add_argument("--test-file", help="the text to evaluate on")
     p.add_argument("--data-dir", help="a dataset directory (with --split)")
     p.add_argument("--split", choices=("valid", "test"), default="test")
     p.add_argument("--columns", type=int,
-                   help="global BPTT columns (default: the run's evaluation layout)")
+                   help="global BPTT columns (default: the run's layout for the split, "
+                        "--eval-batch-size or --test-batch-size)")
     p.add_argument("--context", default="auto", help="cpu, gpu, gpu:N or auto")
     p.add_argument("--dist", choices=("auto", "local", "horovod"), default="auto")
 
     p = sub.add_parser("generate", help="sample text from a trained run")
     p.add_argument("--run-dir", required=True, help="the run directory of a training run")
-    p.add_argument("--params", default="best", help="'best', 'final', or a .params file")
+    p.add_argument("--params", default="auto",
+                   help="'best', 'final', 'auto' (best when the run has one, else final), "
+                        "or a .params file")
     p.add_argument("--words", type=int, default=50, help="how many words to sample")
     p.add_argument("--temperature", type=float, default=1.0,
                    help="below 1 sharpens the distribution, above 1 flattens it")
@@ -98,6 +102,8 @@ def load_run(run_dir: str, params: str):
             vocab = vocab_from_json(fh.read())
     except (OSError, ValueError) as err:
         raise UsageError(f"cannot read the vocabulary of {run_dir}: {err}") from None
+    if params == "auto":  # a run cut short by --max-steps has no best.params yet
+        params = "best" if os.path.isfile(os.path.join(run_dir, "best.params")) else "final"
     if params in ("best", "final"):
         params = os.path.join(run_dir, f"{params}.params")
     if not os.path.isfile(params):
@@ -106,10 +112,11 @@ def load_run(run_dir: str, params: str):
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from .corpus import eval_columns
     from .dist import make_world
-    from .train import evaluate_run
+    from .evaluate import evaluate_run
 
-    cfg, run_info, vocab, params = load_run(args.run_dir, args.params)
+    cfg, _, vocab, params = load_run(args.run_dir, args.params)
     cfg.data.train_file = cfg.data.valid_file = cfg.data.test_file = None
     cfg.data.data_dir, cfg.data.download = args.data_dir, None
     if args.test_file:
@@ -117,7 +124,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     elif not args.data_dir:
         raise UsageError("give --test-file or --data-dir")
     cfg.run.context = args.context
-    columns = args.columns or run_info["eval_columns"]
+    columns = args.columns or eval_columns(cfg)[args.split]
     if columns <= 0:
         raise UsageError(f"--columns must be a positive integer, got {columns}")
     world = make_world(args.dist)
@@ -134,7 +141,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from .dist import LocalWorld
     from .generate import format_text, sample_words
-    from .train import load_params
+    from .checkpoint import load_params
     from .model import build_model
 
     cfg, _, vocab, params = load_run(args.run_dir, args.params)
@@ -174,11 +181,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def main(argv: Optional[List[str]] = None) -> int:
     from .launcher_env import configure_process
 
-    configure_process()  # threads, allocator, MPI waiting: before MXNet and MPI load
     # SIGTERM/SIGINT: a clean stop within two steps while training, else an
     # exit that still unwinds the stack (so open files are flushed and closed).
     STOP.install()
     try:
+        configure_process()  # threads, allocator, MPI waiting: before MXNet and MPI load
         args = build_parser().parse_args(argv)
         commands = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate,
                     "report": cmd_report, "bench": cmd_bench}

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
 from .errors import UsageError
+from .presets import PRESETS
 
 
 def opt(default: Any, help: str, choices: Optional[tuple] = None) -> Any:  # noqa: A002
@@ -80,8 +81,12 @@ class RunConfig:
                               "global batch is ranks x this")
     global_batch_size: Optional[int] = opt(
         None, "BPTT columns over all ranks, split evenly (overrides --batch-size)")
-    eval_batch_size: Optional[int] = opt(
-        None, "evaluation columns per process (default: --batch-size)")
+    eval_batch_size: int = opt(
+        20, "validation columns over all ranks, whatever their number (the reference "
+        "notebook's 20); every rank count validates on the same batches")
+    test_batch_size: Optional[int] = opt(
+        None, "test columns over all ranks (default: --eval-batch-size). GluonNLP's "
+        "published perplexities validate on 10 columns and test on 1")
     bptt: int = opt(35, "time steps per batch")
     epochs: int = opt(3, "passes over the training split")
     max_steps: Optional[int] = opt(None, "stop after this many optimizer steps in all")
@@ -184,6 +189,7 @@ class Config:
             if value is not None and not (math.isfinite(value) and value > 0):
                 raise UsageError(f"{name} must be a positive number, got {value}")
         for name, value in [("--eval-batch-size", r.eval_batch_size),
+                            ("--test-batch-size", r.test_batch_size),
                             ("--global-batch-size", r.global_batch_size),
                             ("--max-steps", r.max_steps), ("--max-vocab", d.max_vocab)]:
             if value is not None and value <= 0:
@@ -202,14 +208,13 @@ class Config:
         if m.tie_weights and m.embed_size != m.hidden_size and m.family == "standard":
             raise UsageError("--tie-weights needs --embed-size equal to --hidden-size "
                              f"(got {m.embed_size} and {m.hidden_size})")
-        from .model import PRESETS  # the model module owns the list of names
         if m.model not in PRESETS and m.model != "custom":
             raise UsageError(f"unknown model '{m.model}'; choose from "
                              f"{', '.join(sorted(PRESETS))} or 'custom'")
         if self.run.run_dir is None:
             self.run.run_dir = os.path.join("runs", m.model)
-        if self.run.eval_batch_size is None:
-            self.run.eval_batch_size = self.run.batch_size
+        if self.run.test_batch_size is None:
+            self.run.test_batch_size = self.run.eval_batch_size
         return self
 
     def for_world(self, ranks: int) -> "Config":
@@ -267,7 +272,6 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> Config:
     """Applies the precedence: defaults < preset < --config file < explicit flags."""
-    from .model import PRESETS
     explicit = {k: v for k, v in vars(args).items() if "." in k and v is not None}
     file_cfg: dict = {}
     if getattr(args, "config", None):

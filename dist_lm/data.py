@@ -153,10 +153,6 @@ def build_vocab(tokens: List[str], min_freq: int = 1, max_size: Optional[int] = 
                      padding_token=None, bos_token=None, eos_token=EOS)
 
 
-def vocab_to_json(vocab) -> str:
-    return vocab.to_json()
-
-
 def vocab_from_json(text: str):
     import gluonnlp as nlp
 
@@ -218,14 +214,28 @@ class ColumnShard:
 
 def shard_columns(ids: np.ndarray, columns: int, rank: int, ranks: int, bptt: int,
                   what: str = "corpus") -> ColumnShard:
-    """Rank `rank`'s `columns` columns of the layout of `ids` over ranks*columns columns."""
-    total = columns * ranks
+    """Rank `rank`'s `columns` columns of the layout of `ids` over ranks*columns columns
+    (the training layout: every rank holds the same number of columns)."""
+    return layout_columns(ids, columns * ranks, range(rank * columns, (rank + 1) * columns),
+                          bptt, what)
+
+
+def column_range(total: int, rank: int, ranks: int) -> range:
+    """The contiguous columns rank `rank` evaluates when `total` global columns are split
+    over `ranks` ranks as evenly as possible; empty when there are fewer columns than
+    ranks (such a rank still takes part in every collective)."""
+    return range(rank * total // ranks, (rank + 1) * total // ranks)
+
+
+def layout_columns(ids: np.ndarray, total: int, columns: range, bptt: int,
+                   what: str = "corpus") -> ColumnShard:
+    """Columns `columns` of the layout of `ids` over `total` columns, as (L, len(columns))."""
     length = len(ids) // total
     if (length - 1) // bptt < 1:
         raise UsageError(
             f"the {what} has {len(ids)} tokens, too few for one batch of {total} columns x "
             f"{bptt + 1} tokens ({total * (bptt + 1)} needed); use a smaller --batch-size "
             f"or --bptt, or fewer ranks")
-    mine = ids[rank * columns * length:(rank + 1) * columns * length]
-    # (b, L) row-major is b contiguous columns; transposed to the (L, b) time-major layout.
-    return ColumnShard(np.ascontiguousarray(mine.reshape(columns, length).T), bptt)
+    mine = ids[columns.start * length:columns.stop * length]
+    # (c, L) row-major is c contiguous columns; transposed to the (L, c) time-major layout.
+    return ColumnShard(np.ascontiguousarray(mine.reshape(len(columns), length).T), bptt)

@@ -32,9 +32,13 @@ from mxnet import gluon
 from .launcher_env import launched_by_horovod_or_mpi
 
 
-def global_norm(arrays: List[mx.nd.NDArray]) -> mx.nd.NDArray:
-    """sqrt(sum of squares) of all arrays, as a (1,) array on their device (no sync)."""
-    if arrays[0].context.device_type == "cpu":
+def global_norm(arrays: List[mx.nd.NDArray],
+                aggregated: Optional[bool] = None) -> mx.nd.NDArray:
+    """sqrt(sum of squares) of all arrays, as a (1,) array on their device (no sync).
+    aggregated: one multi_sum_sq kernel (default on GPUs) or a dot per array (CPUs)."""
+    if aggregated is None:
+        aggregated = arrays[0].context.device_type != "cpu"
+    if not aggregated:
         # multi_sum_sq runs on one thread on CPU (4.6 ms for the 3.4 M gradient elements
         # of standard_lstm_lm_200); a BLAS dot per array is 1.0 ms (docs/performance.md).
         flat = [a.reshape((-1,)) for a in arrays]
@@ -81,27 +85,20 @@ def make_optimizer(name: str, params: dict) -> mx.optimizer.Optimizer:
     return mx.optimizer.create(name, **params)
 
 
-def scale_to_norm(arrays: List[mx.nd.NDArray], norm: mx.nd.NDArray, max_norm: float,
-                  finite: mx.nd.NDArray, skip_nonfinite: bool) -> None:
-    """Multiplies arrays in place by min(1, max_norm / norm) (1 when max_norm is 0), on the
-    device. With skip_nonfinite, a step whose norm is not finite is zeroed instead: NaN*0
-    is NaN, so each array is cleaned element-wise (an extra pass, hence opt-in)."""
-    ones = mx.nd.ones_like(norm)
-    scale = mx.nd.minimum(max_norm / (norm + 1e-12), ones) if max_norm else ones
+def scale_to_norm(arrays: List[mx.nd.NDArray], norm: mx.nd.NDArray, max_norm: float) -> None:
+    """Multiplies arrays in place by min(1, max_norm / norm), on the device (nothing when
+    max_norm is 0)."""
+    if not max_norm:
+        return
+    scale = mx.nd.minimum(max_norm / (norm + 1e-12), mx.nd.ones_like(norm))
     for a in arrays:
-        if skip_nonfinite:
-            keep = mx.nd.contrib.isfinite(a) * finite.as_in_context(a.context)
-            a[:] = mx.nd.where(keep, a * scale.as_in_context(a.context), mx.nd.zeros_like(a))
-        elif max_norm:
-            a *= scale.as_in_context(a.context)
+        a *= scale.as_in_context(a.context)
 
 
 class World:
     rank = 0
     size = 1
     local_rank = 0
-    local_size = 1
-    backend = "local"
 
     @property
     def is_root(self) -> bool:
@@ -172,18 +169,28 @@ class World:
 
         Returns the global norm of the mean gradient before clipping (for
         clip_mode='local': of this rank's gradient) and whether it is finite, each (1,)
-        on the device.
+        on the device. With skip_nonfinite, a step whose gradient is not finite is not
+        applied at all (parameters, optimizer state and counters stay as they were) on
+        any rank; deciding that reads one value on the host, so it costs a device sync
+        per step.
         """
         if clip_mode == "local":
             norm = global_norm(grads)
             finite = mx.nd.contrib.isfinite(norm)
-            scale_to_norm(grads, norm, clip, finite, skip_nonfinite)
+            if skip_nonfinite:  # the ranks' norms differ: skip only if all skip
+                bad = self.allreduce_sum(1 - finite, name="nonfinite.local")
+                finite = bad == 0
+                if not finite.asscalar():
+                    return norm, finite
+            scale_to_norm(grads, norm, clip)
             trainer.step(1)
             return norm, finite
         trainer.allreduce_grads()
         norm = global_norm(grads) * self._average_factor(trainer)
-        finite = mx.nd.contrib.isfinite(norm)
-        scale_to_norm(grads, norm, clip, finite, skip_nonfinite)
+        finite = mx.nd.contrib.isfinite(norm)  # the same on every rank
+        if skip_nonfinite and not finite.asscalar():
+            return norm, finite
+        scale_to_norm(grads, norm, clip)
         trainer.update(1)
         return norm, finite
 
@@ -193,8 +200,6 @@ class LocalWorld(World):
 
 
 class HorovodWorld(World):
-    backend = "horovod"
-
     def __init__(self, fusion_threshold_mb: Optional[float] = None,
                  cycle_time_ms: Optional[float] = None) -> None:
         # Horovod reads its tuning knobs from the environment at init.
@@ -215,7 +220,7 @@ class HorovodWorld(World):
         else:
             hvd.init()
         self.rank, self.size = hvd.rank(), hvd.size()
-        self.local_rank, self.local_size = hvd.local_rank(), hvd.local_size()
+        self.local_rank = hvd.local_rank()
         self.controller = "gloo" if hvd.gloo_enabled() else "mpi"
 
     def make_trainer(self, params, optimizer: str, optimizer_params: dict,

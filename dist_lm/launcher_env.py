@@ -33,11 +33,15 @@ def configure_threads() -> int:
     Must run before MXNet is imported: its OpenMP pool reads the variable once at load.
     Oversubscribing (2 ranks x all cores each) costs more than it gains on CPU.
     """
-    if "OMP_NUM_THREADS" not in os.environ:
+    value = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if not value:  # unset, or set empty (`OMP_NUM_THREADS= cmd`), as OpenMP reads it
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
             else (os.cpu_count() or 1)
-        os.environ["OMP_NUM_THREADS"] = str(max(1, cores // local_size_from_env()))
-    return int(os.environ["OMP_NUM_THREADS"])
+        value = os.environ["OMP_NUM_THREADS"] = str(max(1, cores // local_size_from_env()))
+    if not value.isdigit() or int(value) < 1:
+        from .errors import UsageError
+        raise UsageError(f"OMP_NUM_THREADS must be a positive integer, not '{value}'")
+    return int(value)
 
 
 def configure_allocator() -> bool:

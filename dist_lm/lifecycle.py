@@ -73,3 +73,59 @@ class Watchdog:
                       f"(--watchdog-s {self.timeout:g}): a peer rank may have died or "
                       f"stopped answering; exiting", file=sys.stderr, flush=True)
                 os._exit(4)
+
+
+class StopAgreed(Exception):
+    """Every rank saw the agreed stop at the same point (raised where the loop unwinds)."""
+
+
+class Agreement:
+    """What all ranks decide together, step by step: stop (a signal on any rank) and
+    checkpoint now (--checkpoint-minutes elapsed on any rank, or every
+    --checkpoint-steps steps).
+
+    The flags of each call are summed over the ranks and read at the next call, when their
+    allreduce has long finished: no stall, and every rank decides alike at the same call.
+    A time-based request sent before a checkpoint was written is dropped, so one request
+    gives one checkpoint. Evaluation batches call `poll_stop` with the same lag, so a stop
+    is agreed within two batches there too.
+    """
+
+    def __init__(self, world, checkpoint_minutes: float, checkpoint_steps: int):
+        self.world = world
+        self.period_s = 60 * checkpoint_minutes
+        self.every = checkpoint_steps
+        self.pending = None            # the allreduce in flight, (2,)
+        self.pending_call = 0          # the call that sent it
+        self.calls = 0
+        self.saved_call = 0            # the call at which the last checkpoint was written
+        self.saved_at = time.time()
+
+    def _exchange(self, stop: bool, due: bool):
+        self.calls += 1
+        if self.world.size == 1:  # nothing to agree on: decide at once
+            return stop, due, self.calls
+        import mxnet as mx
+
+        previous, sent = (0, 0), 0
+        if self.pending is not None:
+            previous, sent = self.pending.asnumpy(), self.pending_call
+        self.pending = self.world.allreduce_sum(mx.nd.array([stop, due]), name="control")
+        self.pending_call = self.calls
+        return bool(previous[0]), bool(previous[1]), sent
+
+    def poll(self, step: int):
+        """After training step `step`: (stop, checkpoint), the same on every rank."""
+        due = bool(self.period_s) and time.time() - self.saved_at > self.period_s
+        stop, due, sent = self._exchange(STOP.signum > 0, due)
+        due = due and sent > self.saved_call
+        return stop, stop or due or bool(self.every and step % self.every == 0)
+
+    def poll_stop(self) -> None:
+        """After an evaluation batch: raises StopAgreed when the ranks agreed to stop."""
+        if self._exchange(STOP.signum > 0, False)[0]:
+            raise StopAgreed()
+
+    def saved(self) -> None:
+        """A checkpoint was just written."""
+        self.saved_call, self.saved_at = self.calls, time.time()

@@ -141,6 +141,14 @@ class Reporter:
         self.record("valid", step, tokens, {"epoch": epoch, "val/loss": loss,
                                             "val/ppl": ppl(loss)})
 
+    def paused(self, epoch: int, batch: int, num_batches: int, step: int, tokens: int,
+               loss: float) -> None:
+        """Validation where --max-steps paused an epoch: information, no lr decision."""
+        self.line(f"Paused by --max-steps at step {step} (epoch {epoch}, batch "
+                  f"{batch}/{num_batches}): valid loss {loss:.2f}, valid ppl {ppl(loss):.2f}")
+        self.record("valid", step, tokens, {"epoch": epoch, "val/loss": loss,
+                                            "val/ppl": ppl(loss)})
+
     def test(self, step: int, tokens: int, loss: float) -> None:
         self.line(f"test loss {loss:.2f}, test ppl {ppl(loss):.2f}")
         self.best["test_ppl"] = ppl(loss)

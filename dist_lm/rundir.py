@@ -78,18 +78,42 @@ class RunDir:
         except _write_errors() as err:
             raise UsageError(f"cannot write {self.file(name)}: {_reason(err)}") from None
 
-    def save_checkpoint(self, step: int, model, trainer, hidden, meta: dict, keep: int,
-                        protect) -> None:
-        from .checkpoint import optimizer_arrays, write_checkpoint
+    def save_checkpoint(self, step: int, model, optimizer: dict, hidden, meta: dict,
+                        keep: int, protect) -> None:
+        from .checkpoint import write_checkpoint
 
-        arrays, counters = optimizer_arrays(trainer)
         try:
-            write_checkpoint(self.file("checkpoints"), step, model, arrays, hidden,
-                             dict(meta, optimizer_counters=counters), keep, protect)
+            write_checkpoint(self.file("checkpoints"), step, model, optimizer, hidden, meta,
+                             keep, protect)
         except _write_errors() as err:
             raise UsageError(f"cannot write the checkpoint of step {step} in "
                              f"{self.file('checkpoints')}: {_reason(err)}; the previous "
                              f"checkpoint is intact") from None
+
+    def find_resume(self, spec: str, strict: bool):
+        """The checkpoint to resume from (see --resume), or None for a fresh start; a fresh
+        run refuses a directory that holds checkpoints."""
+        from .checkpoint import find_resume, list_checkpoints
+
+        directory = self.file("checkpoints")
+        if spec == "none" and list_checkpoints(directory):
+            raise UsageError(f"{directory} holds checkpoints: pass --resume auto to "
+                             f"continue that run, or choose another --run-dir")
+        return find_resume(spec, directory, strict)
+
+    def load_checkpoint(self, found, model, ctx) -> dict:
+        """Loads the parameters into model; returns the checkpoint's other arrays as NumPy
+        (optimizer state by name, and 'hidden': the global recurrent state) for the
+        broadcast to every rank."""
+        import mxnet as mx
+        from .checkpoint import load_params
+
+        load_params(model, found.file("model.params"), ctx)
+        arrays = {k: v.asnumpy() for k, v in mx.nd.load(found.file("optimizer.nd")).items()
+                  if k}
+        hidden = mx.nd.load(found.file("hidden.nd"))
+        arrays["hidden"] = [hidden[str(i)].asnumpy() for i in range(len(hidden))]
+        return arrays
 
 
 def _write_errors() -> tuple:
@@ -123,6 +147,12 @@ class QuietRunDir(RunDir):
 
     def save_checkpoint(self, *args, **kwargs) -> None:
         pass
+
+    def find_resume(self, spec: str, strict: bool):
+        return None
+
+    def load_checkpoint(self, found, model, ctx) -> None:
+        return None
 
 
 def make_run_dir(path: str, is_root: bool) -> RunDir:

@@ -58,6 +58,10 @@ CASES = {
     "zero batch": (lambda f: data_args() + ["--batch-size", "0"], "--batch-size must be"),
     "negative bptt": (lambda f: data_args() + ["--bptt", "-1"], "--bptt must be"),
     "unknown flag": (lambda f: data_args() + ["--bacth-size", "3"], "unrecognized arguments"),
+    "zero validation columns": (lambda f: data_args() + ["--eval-batch-size", "0"],
+                                "--eval-batch-size must be"),
+    "negative test columns": (lambda f: data_args() + ["--test-batch-size", "-1"],
+                              "--test-batch-size must be"),
     "nan learning rate": (lambda f: data_args() + ["--lr", "nan"], "--lr must be a positive"),
     "dropout of 1.5": (lambda f: data_args() + ["--dropout", "1.5"], r"--dropout must be in"),
     "unwritable run dir": (lambda f: data_args() + ["--run-dir", f["under_a_file"]],
@@ -82,6 +86,7 @@ CASES = {
 }
 
 
+@pytest.mark.medium
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_bad_input_one_line_exit_2(case, files, tmp_path):
     argv, message = CASES[case]
@@ -99,3 +104,12 @@ def test_bad_input_one_line_exit_2(case, files, tmp_path):
 def test_eval_of_a_missing_run_dir(tmp_path):
     proc = dist_lm("eval", "--run-dir", tmp_path / "nope", "--test-file", VALID)
     assert proc.returncode == 2 and "no such directory" in proc.stderr
+
+
+@pytest.mark.parametrize("value", ["abc", "0"])
+def test_a_bad_thread_count_in_the_environment(value, tmp_path):
+    proc = dist_lm("train", *TINY, *data_args(), "--run-dir", tmp_path / "run",
+                   env={"OMP_NUM_THREADS": value}, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"dist-lm: error: OMP_NUM_THREADS must be a positive integer, not '{value}'"]

@@ -1,12 +1,14 @@
-import argparse
 import json
+import subprocess
+import sys
 
 import pytest
 
+from conftest import REPO
 from dist_lm.cli import build_parser
 from dist_lm.config import Config, config_from_args
 from dist_lm.errors import UsageError
-from dist_lm.model import PRESETS
+from dist_lm.presets import PRESETS
 
 
 def parse(*argv):
@@ -84,4 +86,15 @@ def test_help_explains_every_option(capsys):
                  "--batch-size", "--bptt", "--epochs", "--max-steps", "--dropout", "--lr",
                  "--clip", "--seed", "--log-interval", "--run-dir"]:
         assert flag in text
-    assert isinstance(build_parser(), argparse.ArgumentParser)
+
+
+def test_the_configuration_does_not_load_mxnet():
+    """Parsing and checking a configuration, presets included, leaves MXNet unloaded."""
+    code = ("import argparse, sys\n"
+            "from dist_lm.config import Config, config_from_args\n"
+            "Config().validate()\n"
+            "config_from_args(argparse.Namespace(**{'model.model': 'awd_lstm_lm_600'}))\n"
+            "assert 'mxnet' not in sys.modules, 'mxnet was imported'\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=REPO, timeout=60)
+    assert done.returncode == 0, done.stderr

@@ -3,6 +3,7 @@
 Every multi-process run is bounded by a timeout: a hang fails the test.
 """
 
+import json
 import re
 
 import pytest
@@ -43,7 +44,7 @@ def test_two_ranks_take_the_same_steps_as_one_process_with_the_global_batch(
     assert proc.returncode == 0, proc.stderr
     assert max_param_diff(one_process / "final.params", out / "final.params") < 2e-6
     # Only rank 0 printed the log lines.
-    assert len(re.findall(r"\[Epoch 0 Batch 20/\d+\]", proc.stdout)) == 1
+    assert len(re.findall(r"\[Epoch 0 Batch 20/\d+\] loss", proc.stdout)) == 1
 
 
 def test_clipping_was_active_in_the_equivalence_run(one_process, heldout, tmp_path):
@@ -121,6 +122,10 @@ def test_local_clipping_is_the_reference_behaviour_and_differs(one_process, held
     proc = run(launcher("gloo", 2, *train_cmd(heldout, "--batch-size", "10", "--clip-mode",
                                               "local", "--run-dir", tmp_path)), timeout=300)
     assert proc.returncode == 0, proc.stderr
+    # Every rank's own gradient norm exceeded 0.1 at every step: all were clipped.
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text()
+            .splitlines() if '"train"' in line]
+    assert [r["train/clipped_fraction"] for r in rows] == [1.0, 1.0]
     # Clipping each rank's gradient at 0.1 then averaging is not clipping the average.
     assert max_param_diff(one_process / "final.params", tmp_path / "final.params") > 1e-4
 
@@ -132,3 +137,77 @@ def test_workstation_launcher_runs_two_ranks(heldout, tmp_path):
                env={"NP": "2", "CONTROLLER": "mpi"}, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "Batch 4/" in proc.stdout and (tmp_path / "final.params").is_file()
+
+
+# --- evaluation: one global layout, whatever the rank count ---------------------------------
+
+@pytest.fixture(scope="module")
+def zoo_run(tmp_path_factory, heldout):
+    """standard_lstm_lm_200 after a few steps: parameters the zoo model can load."""
+    out = tmp_path_factory.mktemp("zoo")
+    proc = run([BIN / "dist-lm", "train", *data_args(VALID, heldout, heldout),
+                "--model", "standard_lstm_lm_200", "--context", "cpu", "--max-steps", "3",
+                "--log-interval", "3", "--run-dir", out], timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def gluonnlp_loss(run_dir, text, columns):
+    """The reference notebook's evaluation: GluonNLP's zoo model and CorpusBPTTBatchify."""
+    import gluonnlp as nlp
+    import mxnet as mx
+
+    vocab = nlp.Vocab.from_json((run_dir / "vocab.json").read_text())
+    model, _ = nlp.model.get_model("standard_lstm_lm_200", vocab=vocab, dataset_name=None)
+    model.load_parameters(str(run_dir / "final.params"))
+    corpus = nlp.data.CorpusDataset(str(text), flatten=True, skip_empty=False, bos=None,
+                                    eos="<eos>")
+    data = nlp.data.batchify.CorpusBPTTBatchify(vocab, 35, columns, last_batch="discard")(
+        corpus)
+    ce = mx.gluon.loss.SoftmaxCrossEntropyLoss()
+    total, count = 0.0, 0
+    hidden = model.begin_state(batch_size=columns, func=mx.nd.zeros)
+    for inputs, targets in data:
+        output, hidden = model(inputs, hidden)
+        loss = ce(output.reshape(-3, -1), targets.reshape(-1))
+        total += mx.nd.sum(loss).asscalar()
+        count += loss.size
+    return total / count
+
+
+def eval_loss(proc):
+    assert proc.returncode == 0, proc.stderr
+    return float(re.search(r"test loss ([0-9.]+), test ppl", proc.stdout).group(1))
+
+
+@pytest.mark.parametrize("columns", [20, 1])
+def test_evaluation_is_the_same_at_any_rank_count_and_equals_gluonnlp(zoo_run, heldout,
+                                                                      columns):
+    """20 columns (the notebook's layout) and 1 (fewer columns than ranks: one rank holds
+    nothing and still takes part), at 1, 2 (Gloo, MPI) and 3 ranks."""
+    args = [BIN / "dist-lm", "eval", "--run-dir", zoo_run, "--test-file", heldout,
+            "--columns", columns, "--context", "cpu"]
+    losses = {"1": eval_loss(run(args, timeout=300))}
+    for controller, n in [("gloo", 2), ("mpi", 2), ("gloo", 3)]:
+        losses[f"{controller}{n}"] = eval_loss(run(launcher(controller, n, *args),
+                                                   timeout=300))
+    # The CLI prints 4 decimals; the sums differ only in float64 reduction order.
+    reference = gluonnlp_loss(zoo_run, heldout, columns)
+    for key, loss in losses.items():
+        assert loss == pytest.approx(reference, abs=1.5e-4), (key, losses, reference)
+
+
+def test_a_run_validates_on_the_same_global_columns_at_any_rank_count(heldout, tmp_path):
+    """--batch-size 10 per rank at 2 ranks and 20 at 1: the same 20 validation columns,
+    the same logged validation loss (the trained parameters agree to float noise)."""
+    logs = {}
+    for ranks, b in [(1, "20"), (2, "10")]:
+        out = tmp_path / str(ranks)
+        cmd = train_cmd(heldout, "--batch-size", b, "--run-dir", out)
+        proc = run(launcher("gloo", 2, *cmd) if ranks == 2 else cmd, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        logs[ranks] = [json.loads(line) for line in (out / "metrics.jsonl").read_text()
+                       .splitlines() if '"valid"' in line][-1]
+        assert json.loads((out / "run.json").read_text())["eval_columns"] == \
+            {"valid": 20, "test": 20}
+    assert logs[1]["val/loss"] == pytest.approx(logs[2]["val/loss"], abs=1e-5)

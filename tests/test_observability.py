@@ -18,15 +18,25 @@ SCALARS = ["train/loss", "train/ppl", "train/lr", "train/grad_norm", "train/clip
            "time/epoch_s", "system/ranks"]
 # Dropout 0 and lr 1 keep 2-rank and 1-process runs equal to float32 noise (see
 # test_distributed.py); the tiny model is at a high loss where clipping at 0.25 is active.
-ARGS = ["--dropout", "0", "--lr", "1", "--max-steps", "24", "--log-interval", "6",
-        "--epochs", "2"]
+ARGS = ["--dropout", "0", "--lr", "1", "--log-interval", "6", "--epochs", "2"]
 
 
 @pytest.fixture(scope="module")
-def two_rank_run(tmp_path_factory, heldout):
+def short_text(tmp_path_factory):
+    """Two epochs of 12 batches of 10 columns x 35: 100 lines of 43 words and <eos>."""
+    words = VALID.read_text(encoding="utf-8").split()[:4300]
+    path = tmp_path_factory.mktemp("short") / "short.tokens"
+    path.write_text("\n".join(" ".join(words[i:i + 43]) for i in range(0, 4300, 43)) + "\n",
+                    encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(tmp_path_factory, heldout, short_text):
     run_dir = tmp_path_factory.mktemp("tb")
-    proc = run(launcher("gloo", 2, BIN / "dist-lm", "train", *data_args(VALID, heldout, heldout),
-                        *TINY, *ARGS, "--batch-size", "5", "--run-dir", run_dir), timeout=300)
+    proc = run(launcher("gloo", 2, BIN / "dist-lm", "train",
+                        *data_args(short_text, heldout, heldout), *TINY, *ARGS,
+                        "--batch-size", "5", "--run-dir", run_dir), timeout=300)
     assert proc.returncode == 0, proc.stderr
     return run_dir, proc.stdout
 
@@ -35,6 +45,7 @@ def metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.dist
 def test_event_files_hold_every_scalar_and_match_the_records(two_rank_run):
     run_dir, stdout = two_rank_run
     events = list(run_dir.glob("events.out.tfevents.*"))
@@ -66,9 +77,10 @@ def test_event_files_hold_every_scalar_and_match_the_records(two_rank_run):
     assert list((run_dir / "hparams").glob("events.out.tfevents.*"))
 
 
-def test_two_rank_loss_equals_one_process_loss(two_rank_run, heldout, tmp_path):
+@pytest.mark.dist
+def test_two_rank_loss_equals_one_process_loss(two_rank_run, heldout, short_text, tmp_path):
     run_dir, _ = two_rank_run
-    proc = dist_lm("train", *data_args(VALID, heldout, heldout), *TINY, *ARGS,
+    proc = dist_lm("train", *data_args(short_text, heldout, heldout), *TINY, *ARGS,
                    "--batch-size", "10", "--run-dir", tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr
     two = [r["train/loss"] for r in metrics(run_dir) if r["kind"] == "train"]
@@ -82,6 +94,7 @@ def free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.dist
 def test_a_real_tensorboard_server_serves_the_runs_scalars(two_rank_run):
     run_dir, _ = two_rank_run
     port = free_port()
@@ -112,6 +125,7 @@ def test_a_real_tensorboard_server_serves_the_runs_scalars(two_rank_run):
         server.wait(timeout=30)
 
 
+@pytest.mark.dist
 def test_generate_is_deterministic_and_in_vocabulary(two_rank_run):
     run_dir, _ = two_rank_run
     vocab = set(json.loads((run_dir / "vocab.json").read_text())["idx_to_token"])
@@ -127,6 +141,7 @@ def test_generate_is_deterministic_and_in_vocabulary(two_rank_run):
     assert other.stdout != outs[0].stdout
 
 
+@pytest.mark.dist
 def test_report_writes_a_png_and_a_summary(two_rank_run, tmp_path):
     run_dir, _ = two_rank_run
     out = tmp_path / "r.png"
@@ -139,6 +154,7 @@ def test_report_writes_a_png_and_a_summary(two_rank_run, tmp_path):
     assert re.search(r"\s24\s+[0-9.]+\s+[0-9.]+\s+\d+", proc.stdout), proc.stdout
 
 
+@pytest.mark.medium
 def test_device_syncs_happen_on_log_steps_only(heldout, tmp_path, monkeypatch):
     """Counts host reads of device values in-process: 20 more steps between two log
     steps must not add 20 more reads."""

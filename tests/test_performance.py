@@ -5,6 +5,7 @@ No timings: speed is measured by `dist-lm bench`, never asserted by a unit test.
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -16,10 +17,11 @@ import numpy as np
 import pytest
 from mxnet import autograd, gluon
 
-from conftest import BIN, dist_lm
+from conftest import BIN, REPO, dist_lm
 from dist_lm.bench import flops_per_token, param_count
 from dist_lm.config import ModelConfig
-from dist_lm.model import PRESETS, TokenLoss, build_model
+from dist_lm.model import TokenLoss, build_model
+from dist_lm.presets import PRESETS
 from dist_lm.procs import kill_session
 
 V = 300
@@ -137,30 +139,66 @@ def test_parameter_names_are_those_of_gluons_lstm():
             for kind in ("weight", "bias") for gate in ("i2h", "h2h")]
 
 
-def test_flops_per_token_of_standard_lstm_lm_200_on_wikitext2():
-    # 2 layers x 8*200*(200+200) + 2*200*33,278, times 3 for forward + backward.
-    assert flops_per_token(200, 200, 2, 33278, True) == 3 * (2 * 640_000 + 13_311_200)
-    assert flops_per_token(200, 200, 2, 33278, True) / 1e6 == pytest.approx(43.77, abs=0.01)
+def test_flops_per_token_counted_by_hand():
+    """E = 3, H = 5, 2 layers, V = 7. A layer of h units over i inputs does 4h(i + h)
+    multiply-adds per token, the decoder d x V; 2 FLOPs each, x3 for forward + backward.
+    Tied:   layer 0 4*5*(3+5) = 160, layer 1 emits E: 4*3*(5+3) = 96, decoder 3*7 = 21;
+            277 multiply-adds = 554 FLOPs forward, 1662 in all.
+    Untied: 160, layer 1 4*5*(5+5) = 200, decoder 5*7 = 35;
+            395 multiply-adds = 790 FLOPs forward, 2370 in all."""
+    assert flops_per_token(3, 5, 2, 7, tied=True) == 1662
+    assert flops_per_token(3, 5, 2, 7, tied=False) == 2370
+
+
+def built(name, tied):
+    """A preset's model with tied or untied weights (standard, untied: E = H), not
+    initialized: every parameter's shape is fixed at construction."""
+    m = dict(PRESETS[name], tie_weights=tied)
+    if not tied and m["family"] == "standard":
+        m["hidden_size"] = m["embed_size"]
+    return m, build_model(ModelConfig(model=name, **m), V)
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
 @pytest.mark.parametrize("tied", [True, False])
 def test_param_count_matches_the_built_model(name, tied):
-    m = dict(PRESETS[name], tie_weights=tied)
-    if not tied and m["family"] == "standard":
-        m["hidden_size"] = m["embed_size"]
-    model = build_model(ModelConfig(model=name, **m), V)
-    model.initialize()
-    built = sum(p.data().size for p in model.collect_params().values())
-    assert param_count(m["embed_size"], m["hidden_size"], m["num_layers"], V, tied) == built
+    m, model = built(name, tied)
+    params = model.collect_params().values()  # a tied matrix is one parameter
+    assert param_count(m["embed_size"], m["hidden_size"], m["num_layers"], V, tied) == \
+        sum(int(np.prod(p.shape)) for p in params)
 
 
-def test_flops_are_about_six_per_parameter_with_tied_weights():
-    """Why the communication/compute crossover hardly depends on the model (see the doc):
-    with tied weights every gradient element costs ~6 FLOPs per token."""
-    for m in PRESETS.values():
+@pytest.mark.parametrize("name", sorted(PRESETS))
+@pytest.mark.parametrize("tied", [True, False])
+def test_flops_are_six_per_weight_of_the_built_models_matrix_products(name, tied):
+    """Each token multiplies through every LSTM weight matrix and the decoder's once
+    (the embedding is a lookup): a multiply-add forward and two backward (input and
+    weight gradients), 6 FLOPs per weight."""
+    m, model = built(name, tied)
+    lstm = [p for key, p in model.collect_params().items()
+            if key.endswith(("i2h_weight", "h2h_weight"))]
+    assert len(lstm) == 2 * m["num_layers"]
+    weights = sum(int(np.prod(p.shape)) for p in lstm) + \
+        int(np.prod(model.decoder[0].weight.shape))
+    assert flops_per_token(m["embed_size"], m["hidden_size"], m["num_layers"], V, tied) == \
+        6 * weights
+
+
+def test_the_performance_docs_gpu_table_is_what_the_formulas_give():
+    """docs/performance.md's MFLOP/token and parameter columns (tied weights, the
+    WikiText-2 training vocabulary) and its range of FLOPs per gradient element."""
+    text = (REPO / "docs" / "performance.md").read_text(encoding="utf-8")
+    ratios = []
+    for name, m in PRESETS.items():
+        row = re.search(rf"^\| {name} \| ([0-9.]+) \| ([0-9.]+) M \|", text, re.M)
+        assert row, f"no row for {name}"
         args = (m["embed_size"], m["hidden_size"], m["num_layers"], 33278, True)
-        assert 5.9 < flops_per_token(*args) / param_count(*args) < 6.0
+        assert float(row[1]) == round(flops_per_token(*args) / 1e6, 1), name
+        assert float(row[2]) == round(param_count(*args) / 1e6, 2), name
+        ratios.append(flops_per_token(*args) / param_count(*args))
+    stated = re.search(r"per gradient element per token\s+\((\d\.\d\d)-(\d\.\d\d):", text)
+    assert stated, "the range of FLOPs per gradient element is not where it was"
+    assert (float(stated[1]), float(stated[2])) == (round(min(ratios), 2), round(max(ratios), 2))
 
 
 ALLOC_PROBE = textwrap.dedent("""
@@ -284,13 +322,13 @@ def test_bench_rejects_an_unknown_variant(heldout):
         "reference, reference-tuned, local, hvd1, hvd2-gloo, hvd2-mpi, pair2"]
 
 
-@pytest.mark.parametrize("clip_mode,nonfinite", [("global", "stop"), ("local", "skip")])
+@pytest.mark.parametrize("clip_mode,nonfinite", [("global", "stop"), ("local", "stop")])
 def test_a_training_step_never_waits_for_the_device(monkeypatch, clip_mode, nonfinite):
     """Stepper.step (forward, backward, norm, clip, update) only queues work: every way
     of reading a value back to the host fails here, and the step still runs."""
     from dist_lm.config import Config
     from dist_lm.dist import LocalWorld
-    from dist_lm.train import Stepper
+    from dist_lm.stepper import Stepper
 
     cfg = Config(model=ModelConfig(model="standard_lstm_lm_200",
                                    **dict(PRESETS["standard_lstm_lm_200"], **DROPOUT_OFF)))
@@ -318,8 +356,8 @@ def test_a_training_step_never_waits_for_the_device(monkeypatch, clip_mode, nonf
 @pytest.mark.parametrize("flags,message", [
     (["--steps", "0"], "dist-lm: error: --steps must be at least 1, got 0"),
     (["--repeats", "0"], "dist-lm: error: --repeats must be at least 1, got 0"),
-    (["--batch-size", "7"],
-     "dist-lm: error: --batch-size must be even and positive (2-rank variants split it)"),
+    (["--global-batch-size", "7"],
+     "dist-lm: error: --global-batch-size must be even and positive (2-rank variants split it)"),
     (["--max-busy", "5"], "dist-lm: error: --max-busy is a fraction of the CPU, 0 to 1, got 5.0"),
     (["--timeout-s", "0"],
      "dist-lm: error: --timeout-s must be positive and --max-wait-s not negative"),

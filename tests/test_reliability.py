@@ -252,3 +252,101 @@ def test_the_watchdog_ends_a_process_that_makes_no_progress():
     assert time.time() - started < 10
     assert re.search(r"dist-lm: error: no training progress for [12]s \(--watchdog-s 1\)",
                      proc.stderr), proc.stderr
+
+
+# --- a stop during evaluation ------------------------------------------------------------------
+
+EVAL_STOP_BOUND_S = 10  # two evaluation batches, a checkpoint and the exit, with room
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_a_signal_during_validation_stops_within_the_bound_and_resume_redoes_it(
+        ranks, heldout, tmp_path):
+    """One short epoch on the held-out text, then validation on the whole WikiText-2
+    training split (about 3,000 batches): the signal comes as validation starts."""
+    from conftest import WIKITEXT2
+
+    big = WIKITEXT2 / "wiki.train.tokens"
+    wrap = (lambda cmd: launcher("gloo", 2, *cmd)) if ranks == 2 else (lambda cmd: cmd)
+    args = [BIN / "dist-lm", "train", *data_args(heldout, big, heldout), *TINY,
+            "--global-batch-size", "20", "--epochs", "1", "--log-interval", "10",
+            "--lr", "1"]
+    log = tmp_path / "log"
+    proc = start(wrap([*args, "--run-dir", tmp_path / "part"]), log)
+    wait_for(log, r"\[Epoch 0\] throughput", proc)
+    sent = time.time()
+    os.killpg(proc.pid, signal.SIGTERM) if ranks == 1 else proc.send_signal(signal.SIGTERM)
+    finish(proc, STOP_BOUND_S)
+    stopped_s = time.time() - sent
+    text = log.read_text()
+    assert "during evaluation on a signal; checkpoint written" in text, text
+    assert "valid loss" not in text, text
+    assert stopped_s < EVAL_STOP_BOUND_S, text
+    print(f"\nSIGTERM during validation at {ranks} rank(s): exited {stopped_s:.1f}s later")
+    (ckpt,) = list_checkpoints(tmp_path / "part" / "checkpoints")
+    progress = verify(ckpt).meta["progress"]
+    assert (progress["epoch"], progress["batch"]) == (0, progress["step"])  # all trained
+
+    if ranks == 2:
+        return
+    again = run([*args, "--run-dir", tmp_path / "part", "--resume", "auto"], timeout=300)
+    whole = run([*args, "--run-dir", tmp_path / "whole"], timeout=300)
+    assert again.returncode == 0 and whole.returncode == 0, again.stderr + whole.stderr
+    valid = re.compile(r"valid loss [0-9.]+, valid ppl [0-9.]+")
+    assert valid.findall(again.stdout) == valid.findall(whole.stdout) != []
+    assert (tmp_path / "whole" / "final.params").read_bytes() == \
+        (tmp_path / "part" / "final.params").read_bytes()
+
+
+# --- rank 0 failing to write best.params / final.params -------------------------------------
+
+@pytest.mark.parametrize("name", ["best.params", "final.params"])
+def test_a_failed_parameter_write_on_rank_0_ends_every_rank_with_its_message(
+        name, heldout, tmp_path):
+    run_dir = tmp_path / "run"
+    (run_dir / name).mkdir(parents=True)  # rank 0 cannot replace a directory with a file
+    proc = run(launcher("gloo", 2, BIN / "dist-lm", "train",
+                        *data_args(heldout, heldout, heldout), *TINY, "--batch-size", "10",
+                        "--epochs", "1", "--run-dir", run_dir), timeout=120)
+    assert proc.returncode != 0
+    errors = re.findall(r"dist-lm: error: \[rank (\d)\] ([^\n]*)", proc.stderr)
+    assert sorted(r for r, _ in errors) == ["0", "1"], proc.stderr
+    assert all(f"cannot write {run_dir / name}" in e for _, e in errors), proc.stderr
+    # horovodrun prints a traceback of its own when a rank fails; the ranks print none.
+    assert not re.search(r"\[\d\]<stderr>:Traceback", proc.stderr), proc.stderr
+
+
+# --- --checkpoint-minutes ----------------------------------------------------------------------
+
+def test_time_based_checkpoints_at_two_ranks_are_written_once_each(heldout, tmp_path):
+    """Every 0.5 s: each request must give one checkpoint, not one at the agreed step
+    and another at the next (the request sent just before the first was written)."""
+    run_dir = tmp_path / "run"
+    proc = run(launcher("gloo", 2, *train_args(heldout, run_dir, "--batch-size", "10",
+                                               "--max-steps", "200",
+                                               "--checkpoint-minutes", str(0.5 / 60),
+                                               "--keep-checkpoints", "1000")), timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    steps = [verify(p).meta["step"] for p in list_checkpoints(run_dir / "checkpoints")]
+    timed = steps[:-1]  # the last is the --max-steps pause
+    assert len(timed) >= 2, steps
+    assert all(b - a > 1 for a, b in zip(timed, timed[1:])), steps
+
+
+# --- resume at another rank count ------------------------------------------------------------
+
+def test_resume_at_another_rank_count_with_the_global_batch_kept(heldout, tmp_path):
+    """2 ranks for 20 steps, then 1 process for 20 more, --global-batch-size 20 throughout:
+    the same parameters as 1 process for 40 steps, to float32 reduction noise."""
+    recipe = ["--global-batch-size", "20", "--dropout", "0", "--clip", "0.1"]
+    whole = run(train_args(heldout, tmp_path / "whole", *recipe), timeout=300)
+    assert whole.returncode == 0, whole.stderr
+    first = run(launcher("mpi", 2, *train_args(heldout, tmp_path / "part", *recipe,
+                                               "--max-steps", "20")), timeout=300)
+    assert first.returncode == 0, first.stderr
+    second = run(train_args(heldout, tmp_path / "part", *recipe, "--resume", "auto"),
+                 timeout=300)
+    assert second.returncode == 0, second.stderr
+    assert "Batch 40/" in second.stdout
+    assert max_param_diff(tmp_path / "whole" / "final.params",
+                          tmp_path / "part" / "final.params") < 2e-6

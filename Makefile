@@ -5,6 +5,7 @@ VENV ?= .venv
 VARIANT ?= cpu
 DATA_DIR ?= ../shared/data/wikitext-2
 RUN_DIR ?= runs/wikitext2-2ranks
+CACHE_DIR ?= runs/.corpus-cache
 NP ?= 2
 EPOCHS ?= 3
 CONTROLLER ?= mpi
@@ -26,7 +27,7 @@ train: setup
 	  "$(VENV)/bin/tensorboard --logdir $(RUN_DIR)"
 	@NP=$(NP) CONTROLLER=$(CONTROLLER) bash launch/train-workstation.sh \
 	  --data-dir $(DATA_DIR) --global-batch-size 20 --epochs $(EPOCHS) \
-	  --run-dir $(RUN_DIR) --resume auto $(ARGS)
+	  --cache-dir $(CACHE_DIR) --run-dir $(RUN_DIR) --resume auto $(ARGS)
 	@echo "make train: TensorBoard logs in $(RUN_DIR)"
 
 test: setup

@@ -41,6 +41,7 @@ import mxnet as mx
 import numpy as np
 
 from .errors import UsageError
+from .hashing import hash_file
 from .schedule import LRSchedule
 
 FORMAT_VERSION = 2
@@ -72,11 +73,7 @@ class Parts:
 
 
 def sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return hash_file(path, "sha256")
 
 
 def text_digest(text: str) -> str:

@@ -5,6 +5,7 @@
     dist-lm generate --run-dir DIR    sample text from a trained run
     dist-lm report RUN_DIR...         curves of runs as a PNG, and a summary
     dist-lm bench --train-file F      throughput of the reference loop and of dist-lm
+    dist-lm bench-scale --dir D       start-up and memory at WikiText-103 size
 
 `main(argv)` returns the exit code and is what tests call. Errors a user can cause print
 one line, `dist-lm: error: ...`, and exit 2 on every rank.
@@ -71,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench import add_args as add_bench_args
     p = sub.add_parser("bench", help="throughput of the reference loop and of dist-lm")
     add_bench_args(p)
+
+    from .scale import add_args as add_scale_args
+    p = sub.add_parser("bench-scale", help="start-up and memory on a WikiText-103-size "
+                                           "synthetic corpus")
+    add_scale_args(p)
     return parser
 
 
@@ -178,6 +184,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_bench_scale(args: argparse.Namespace) -> int:
+    from .scale import run
+
+    return run(args)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     from .launcher_env import configure_process
 
@@ -188,7 +200,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         configure_process()  # threads, allocator, MPI waiting: before MXNet and MPI load
         args = build_parser().parse_args(argv)
         commands = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate,
-                    "report": cmd_report, "bench": cmd_bench}
+                    "report": cmd_report, "bench": cmd_bench, "bench-scale": cmd_bench_scale}
         return commands[args.command](args)
     except (UsageError, RanksOutOfSync, NonFiniteError, Preempted, BenchFailed) as err:
         rank = os.environ.get("HOROVOD_RANK", os.environ.get("OMPI_COMM_WORLD_RANK"))

@@ -36,6 +36,10 @@ class DataConfig:
         choices=("wikitext-2", "wikitext-103"))
     min_freq: int = opt(1, "drop words seen fewer times than this in the training split")
     max_vocab: Optional[int] = opt(None, "keep at most this many words (most frequent first)")
+    cache_dir: Optional[str] = opt(
+        None, "where token ids and vocabularies are cached (default: $DIST_LM_CACHE_DIR, "
+        "else .dist-lm-cache beside the training split if writable, else "
+        "~/.cache/dist-lm); delete it to clear")
 
 
 @dataclass

@@ -1,5 +1,5 @@
-"""The run's corpus on this rank: the vocabulary (built once, on rank 0) and this rank's
-columns of each split's layout.
+"""The run's corpus on this rank: the vocabulary and this rank's columns of each split's
+layout, mapped from the corpus cache (`cache.py`): no rank holds the text.
 
 Training uses `--batch-size` columns per rank (ranks x b global). Validation and test each
 use one global layout, `--eval-batch-size` and `--test-batch-size` columns whatever the
@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Dict, Optional
 
 from . import data as D
+from .cache import CorpusCache, cache_root
 from .config import Config
 from .dist import World, run_everywhere
 
@@ -33,26 +34,29 @@ def eval_columns(cfg: Config) -> Dict[str, int]:
 
 def load_corpus(cfg: Config, world: World, need=("train", "valid", "test"),
                 vocab=None) -> Corpus:
-    """Reads the splits on every rank, builds the vocabulary once (rank 0) and broadcasts
-    it, and keeps each rank's own columns. A bad input on any rank stops every rank."""
+    """Maps each split's token ids from the corpus cache (built on first use, by whichever
+    rank gets there first while the others wait on its lock), takes the vocabulary of
+    the training split (or the one given), and keeps this rank's columns of each split.
+    A bad input on any rank stops every rank."""
     # Rank 0 first, so that it alone downloads a missing dataset; then everyone else.
     run_everywhere(world, lambda: D.resolve_splits(cfg.data, need) if world.is_root else
                    None, "splits-root")
     splits = run_everywhere(world, lambda: D.resolve_splits(cfg.data, need), "splits")
-    tokens = run_everywhere(
-        world, lambda: {n: D.read_tokens(getattr(splits, n)) for n in need}, "read")
-    if vocab is None:
-        vocab_json = D.build_vocab(tokens["train"], cfg.data.min_freq,
-                                   cfg.data.max_vocab).to_json() if world.is_root else None
-        vocab = D.vocab_from_json(world.broadcast_object(vocab_json, name="vocab"))
+
+    def from_cache():
+        first = getattr(splits, "train" if "train" in need else need[0])
+        cache = CorpusCache(cache_root(cfg.data.cache_dir, first))
+        v = vocab or cache.vocab(splits.train, cfg.data.min_freq, cfg.data.max_vocab)
+        return v, {n: cache.ids(getattr(splits, n), v) for n in need}
+
+    vocab, ids = run_everywhere(world, from_cache, "cache")
     b, bptt = cfg.run.batch_size, cfg.run.bptt
     total = dict(eval_columns(cfg), train=b * world.size)
 
     def shard(name: str) -> D.ColumnShard:
-        ids = D.encode(tokens.pop(name), vocab)
         columns = (range(world.rank * b, (world.rank + 1) * b) if name == "train" else
                    D.column_range(total[name], world.rank, world.size))
-        return D.layout_columns(ids, total[name], columns, bptt, what=f"{name} split")
+        return D.layout_columns(ids[name], total[name], columns, bptt, what=f"{name} split")
 
     shards = run_everywhere(world, lambda: {n: shard(n) for n in need}, "shard")
     return Corpus(vocab, shards.get("train"), shards.get("valid"), shards.get("test"))

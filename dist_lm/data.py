@@ -8,7 +8,6 @@ ones included, ends with one `<eos>`.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tempfile
@@ -20,6 +19,7 @@ import numpy as np
 
 from .config import DataConfig
 from .errors import UsageError
+from .hashing import hash_file
 
 EOS = "<eos>"
 
@@ -116,11 +116,7 @@ def download_dataset(name: str, data_dir: str) -> None:
 
 
 def _sha1_ok(path: str, digest: str) -> bool:
-    h = hashlib.sha1()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest() == digest
+    return hash_file(path, "sha1") == digest
 
 
 def read_tokens(path: str) -> List[str]:
@@ -190,22 +186,28 @@ def encode(tokens: List[str], vocab) -> np.ndarray:
 
 @dataclass
 class ColumnShard:
-    """One rank's columns of the layout: `ids` has shape (L, b)."""
+    """One rank's columns of the layout: `cols` has shape (b, L), column c being the
+    contiguous slice cols[c] of the corpus ids (a view: of the memory-mapped cache, or
+    of an array), so a rank holds nothing but a map of its own columns."""
 
-    ids: np.ndarray
+    cols: np.ndarray
     bptt: int
 
     @property
+    def columns(self) -> int:
+        return self.cols.shape[0]
+
+    @property
     def num_batches(self) -> int:
-        return (self.ids.shape[0] - 1) // self.bptt
+        return (self.cols.shape[1] - 1) // self.bptt
 
     @property
     def tokens_per_batch(self) -> int:
-        return self.bptt * self.ids.shape[1]
+        return self.bptt * self.columns
 
     def batch(self, i: int) -> Tuple[np.ndarray, np.ndarray]:
-        """Inputs and targets of batch i, each (bptt, b)."""
-        rows = self.ids[i * self.bptt:(i + 1) * self.bptt + 1]
+        """Inputs and targets of batch i, each (bptt, b) (views; read when copied)."""
+        rows = self.cols[:, i * self.bptt:(i + 1) * self.bptt + 1].T  # (bptt + 1, b)
         return rows[:-1], rows[1:]
 
     def __iter__(self) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
@@ -237,5 +239,5 @@ def layout_columns(ids: np.ndarray, total: int, columns: range, bptt: int,
             f"{bptt + 1} tokens ({total * (bptt + 1)} needed); use a smaller --batch-size "
             f"or --bptt, or fewer ranks")
     mine = ids[columns.start * length:columns.stop * length]
-    # (c, L) row-major is c contiguous columns; transposed to the (L, c) time-major layout.
-    return ColumnShard(np.ascontiguousarray(mine.reshape(len(columns), length).T), bptt)
+    # (c, L) row-major is c contiguous columns: a view, nothing is copied.
+    return ColumnShard(mine.reshape(len(columns), length), bptt)

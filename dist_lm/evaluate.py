@@ -23,7 +23,7 @@ class Evaluator:
                  ctx: mx.Context):
         self.model, self.shard, self.total = model, shard, total_columns
         self.world, self.ctx = world, ctx
-        self.columns = shard.ids.shape[1]
+        self.columns = shard.columns
         self.block = hybrid_loss(model) if self.columns else None
 
     def loss(self, each_batch: Callable[[], None] = lambda: None) -> float:

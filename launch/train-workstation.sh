@@ -27,10 +27,11 @@ case $CONTROLLER in
   gloo)
     exec horovodrun -np "$NP" -H "localhost:$NP" --gloo dist-lm train "$@" ;;
   mpi)
-    extra=()
+    extra=(-x PATH)
     [ "$(id -u)" -eq 0 ] && extra+=(--allow-run-as-root)
+    # Forwarded only when set: mpirun warns about a variable it cannot find.
+    [ -n "${LD_LIBRARY_PATH:-}" ] && extra+=(-x LD_LIBRARY_PATH)
     exec mpirun "${extra[@]}" -np "$NP" -H "localhost:$NP" -bind-to none -map-by slot \
-      -x PATH -x LD_LIBRARY_PATH \
       dist-lm train "$@" ;;
   *)
     echo "train-workstation: CONTROLLER must be gloo or mpi, not '$CONTROLLER'" >&2

@@ -48,6 +48,15 @@ def dist_lm(*args, **kwargs):
     return run([BIN / "dist-lm", *args], **kwargs)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def corpus_cache(tmp_path_factory):
+    """One corpus cache for the suite (every dist-lm the tests start inherits it), so that
+    nothing is written beside the shared WikiText-2 files."""
+    path = tmp_path_factory.mktemp("corpus-cache")
+    os.environ["DIST_LM_CACHE_DIR"] = str(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def heldout(tmp_path_factory):
     """The first 400 lines (about 25k tokens) of the WikiText-2 test split: held-out text

@@ -288,6 +288,9 @@ def test_job_storage_and_shm(rendered):
     assert volume["persistentVolumeClaim"]["claimName"] and not mount.get("readOnly")
     mount, volume = mount_of(pod, worker, value_after(train, "--data-dir"))
     assert volume["persistentVolumeClaim"]["claimName"] and mount.get("readOnly")
+    # The corpus cache on writable shared storage: built once for every rank and job.
+    mount, volume = mount_of(pod, worker, value_after(train, "--cache-dir"))
+    assert volume["persistentVolumeClaim"]["claimName"] and not mount.get("readOnly")
     mount, volume = mount_of(pod, worker, "/dev/shm")
     assert mount["mountPath"] == "/dev/shm" and volume["emptyDir"]["medium"] == "Memory"
 

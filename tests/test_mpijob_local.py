@@ -57,7 +57,7 @@ def local_command(argv: list[str], run_dir: Path) -> list[str]:
     if os.geteuid() == 0:  # CI runs as root; the image does not
         mpirun.insert(1, "--allow-run-as-root")
 
-    for flag in ("--data-dir", "--run-dir", "--model", "--context"):
+    for flag in ("--data-dir", "--cache-dir", "--run-dir", "--model", "--context"):
         train = drop_option(train, flag)
     assert train[train.index("--resume") + 1] == "auto"  # kept: a fresh run dir starts anew
     train += ["--train-file", WIKITEXT2 / "wiki.valid.tokens",

@@ -1,0 +1,315 @@
+"""The corpus cache: each split as int32 token ids and the vocabulary, built once in one
+streaming pass and memory-mapped by every later run.
+
+    CACHE/                       --cache-dir, else $DIST_LM_CACHE_DIR, else
+                                 .dist-lm-cache beside the training split when that
+                                 directory is writable, else $XDG_CACHE_HOME/dist-lm
+                                 (~/.cache/dist-lm)
+        .lock                    flock: one writer at a time, readers share
+        vocab-<K>.json           the vocabulary of a training split; K = sha256 of the
+                                 format, the split's size and sha1, --min-freq, --max-vocab
+        ids-<V>-<S>.i32          a split's ids (raw little-endian int32); V = the
+                                 vocabulary's sha256, S = the split's sha1
+        ids-<V>-<S>.json         its record: format, source size and sha1, token count,
+                                 the sha256 of the .i32 file
+
+Reading matches `data.read_tokens` exactly (the text split as `str.splitlines` splits
+it, words by whitespace, one `<eos>` per line) and the vocabulary is GluonNLP's, built
+from the same counts, so ids and their order are those of the uncached path (tested on
+WikiText-2). Tokens are counted and encoded at C speed: a dict with a counting default
+hands out provisional ids in first-seen order (`map` over `__getitem__`, no per-token
+Python loop); the vocabulary is then built from the counts and one NumPy gather turns
+provisional ids into final ones.
+
+Every use verifies: the source's sha1 picks the entry (a changed file gets new entries),
+and an entry whose record or digest does not match is rebuilt with a warning, never
+used. Entries are written to a temporary name and renamed, under the exclusive lock, so
+two jobs starting on the same data build once and never see half a file. To clear the
+cache, delete the directory.
+"""
+
+from __future__ import annotations
+
+import codecs
+import collections
+import fcntl
+import hashlib
+import itertools
+import json
+import os
+import sys
+import tempfile
+from contextlib import contextmanager
+from typing import Iterator, List, Optional
+
+import numpy as np
+
+from .errors import UsageError
+from .hashing import hash_file
+
+FORMAT = 1
+EOS = "<eos>"
+CHUNK_BYTES = 8 << 20  # ~1.6M tokens of text per chunk: ~100 MB of transient str objects
+
+
+# --- reading -------------------------------------------------------------------------------
+
+def read_chunks(path: str) -> Iterator[List[str]]:
+    """The file's lines, as `str.splitlines` splits the whole text, a chunk at a time.
+    Raises UsageError for an unreadable, binary, non-UTF-8 or empty file."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    carry, offset, words = "", 0, 0
+    try:
+        with open(path, "rb") as fh:
+            while True:
+                raw = fh.read(CHUNK_BYTES)
+                final = not raw
+                if b"\0" in raw:
+                    raise UsageError(f"{path} is a binary file, not text")
+                try:
+                    text = carry + decoder.decode(raw, final=final)
+                except UnicodeDecodeError as err:
+                    raise UsageError(f"{path} is not UTF-8 text (bad byte at offset "
+                                     f"{offset + err.start})") from None
+                offset += len(raw)
+                lines = text.splitlines(keepends=True)
+                # The last piece may continue in the next chunk (or be a '\r' whose '\n'
+                # comes next): carry it, unless the file has ended.
+                carry = "" if final or not lines else lines.pop()
+                if lines:  # each line keeps its end, which split() drops as whitespace
+                    words += sum(1 for line in lines if not line.isspace())
+                    yield lines
+                if final:
+                    break
+    except OSError as err:
+        raise UsageError(f"cannot read {path}: {err.strerror}") from None
+    if not words:
+        raise UsageError(f"{path} is empty (no words)")
+
+
+def tokens_of(lines: List[str]) -> List[str]:
+    tokens: List[str] = []
+    for line in lines:
+        tokens += line.split()
+        tokens.append(EOS)
+    return tokens
+
+
+def file_digest(path: str) -> dict:
+    try:
+        return {"size": os.path.getsize(path), "sha1": hash_file(path, "sha1")}
+    except OSError as err:
+        raise UsageError(f"cannot read {path}: {err.strerror}") from None
+
+
+# --- the cache -------------------------------------------------------------------------------
+
+def cache_root(configured: Optional[str], split_path: str) -> str:
+    """--cache-dir, else $DIST_LM_CACHE_DIR, else the default place for split_path."""
+    return configured or os.environ.get("DIST_LM_CACHE_DIR") or default_root(split_path)
+
+
+def default_root(split_path: str) -> str:
+    data_dir = os.path.dirname(os.path.abspath(split_path))
+    beside = os.path.join(data_dir, ".dist-lm-cache")
+    # A data directory without write bits is read-only by intent, even to root.
+    if os.stat(data_dir).st_mode & 0o222 and _writable(beside):
+        return beside
+    home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"),
+                                                            ".cache")
+    return os.path.join(home, "dist-lm")
+
+
+def _writable(directory: str) -> bool:
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".probe-"):
+            return True
+    except OSError:
+        return False
+
+
+class CorpusCache:
+    def __init__(self, root: str):
+        if os.path.exists(root) and not os.path.isdir(root):
+            raise UsageError(f"cache directory {root} is a file")
+        if not _writable(root):
+            raise UsageError(f"cache directory {root} is not writable (set --cache-dir)")
+        self.root = root
+
+    @contextmanager
+    def _lock(self, exclusive: bool):
+        with open(os.path.join(self.root, ".lock"), "a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def _cached(self, check, build):
+        """check() -> the entry or None; under the shared lock first, then, if it must be
+        built, under the exclusive lock (where another process may have built it)."""
+        with self._lock(exclusive=False):
+            found = check()
+        if found is not None:
+            return found
+        with self._lock(exclusive=True):
+            found = check()
+            return found if found is not None else build()
+
+    # --- vocabulary of a training split ---------------------------------------------------
+    def vocab(self, train_path: str, min_freq: int, max_vocab: Optional[int]):
+        """The vocabulary of train_path (GluonNLP Vocab), built on first use; the training
+        split's ids are written along with it."""
+        source = file_digest(train_path)
+        key = hashlib.sha256(json.dumps([FORMAT, source, min_freq, max_vocab])
+                             .encode()).hexdigest()[:16]
+        path = os.path.join(self.root, f"vocab-{key}.json")
+
+        def check():
+            return _read_vocab(path, source)
+
+        return self._cached(check, lambda: self._build_train(train_path, source, min_freq,
+                                                             max_vocab, path))
+
+    def _build_train(self, train_path, source, min_freq, max_vocab, path):
+        import gluonnlp as nlp
+
+        lookup = collections.defaultdict(itertools.count().__next__)  # word -> first-seen id
+        counts = np.zeros(0, dtype=np.int64)
+        with _staged(self.root) as provisional:
+            with open(provisional, "wb") as out:
+                for lines in read_chunks(train_path):
+                    tokens = tokens_of(lines)
+                    ids = np.fromiter(map(lookup.__getitem__, tokens), np.int32, len(tokens))
+                    ids.tofile(out)
+                    chunk_counts = np.bincount(ids, minlength=len(lookup))
+                    chunk_counts[:len(counts)] += counts
+                    counts = chunk_counts
+            words = list(lookup)  # in provisional id order
+            counter = nlp.data.Counter(dict(zip(words, counts.tolist())))
+            vocab = nlp.Vocab(counter, max_size=max_vocab, min_freq=min_freq,
+                              padding_token=None, bos_token=None, eos_token=EOS)
+            final = np.asarray(vocab[words], dtype=np.int32)  # provisional -> final id
+            # The form every later load gives (from_json orders token_to_idx its own way),
+            # so that a cold and a warm run name, digest and checkpoint the same vocabulary.
+            vocab = nlp.Vocab.from_json(vocab.to_json())
+            vocab_json = vocab.to_json()
+            self._write_ids(train_path, source, vocab_json,
+                            lambda out: _gather(provisional, final, out))
+        _write_atomic(self.root, path, json.dumps(
+            {"format": FORMAT, "source": source, "vocab": vocab_json}).encode())
+        return vocab
+
+    # --- ids of a split under a vocabulary --------------------------------------------------
+    def ids(self, split_path: str, vocab) -> np.memmap:
+        """The split's ids under vocab, memory-mapped read-only, shape (tokens,)."""
+        source = file_digest(split_path)
+        vocab_json = vocab.to_json()
+        name = self._ids_name(vocab_json, source)
+
+        def check():
+            return _map_ids(os.path.join(self.root, name), source)
+
+        def build():
+            index, unk = vocab.token_to_idx, vocab.token_to_idx[vocab.unknown_token]
+
+            def write(out):
+                for lines in read_chunks(split_path):
+                    tokens = tokens_of(lines)
+                    np.fromiter(map(index.get, tokens, itertools.repeat(unk)), np.int32,
+                                len(tokens)).tofile(out)
+
+            self._write_ids(split_path, source, vocab_json, write)
+            return check()
+
+        return self._cached(check, build)
+
+    @staticmethod
+    def _ids_name(vocab_json: str, source: dict) -> str:
+        v = hashlib.sha256(vocab_json.encode()).hexdigest()[:16]
+        return f"ids-{v}-{source['sha1'][:16]}"
+
+    def _write_ids(self, split_path, source, vocab_json, write) -> None:
+        name = self._ids_name(vocab_json, source)
+        with _staged(self.root) as tmp:
+            with open(tmp, "wb") as out:
+                write(out)
+            size = os.path.getsize(tmp)
+            record = {"format": FORMAT, "source": source, "path": os.path.abspath(split_path),
+                      "tokens": size // 4, "sha256": hash_file(tmp)}
+            _fsync(tmp)
+            os.replace(tmp, os.path.join(self.root, name + ".i32"))
+        _write_atomic(self.root, os.path.join(self.root, name + ".json"),
+                      json.dumps(record).encode())
+
+
+def _gather(provisional: str, final: np.ndarray, out) -> None:
+    ids = np.memmap(provisional, dtype=np.int32, mode="r")
+    step = 1 << 24
+    for start in range(0, len(ids), step):
+        final[ids[start:start + step]].tofile(out)
+
+
+def _read_vocab(path: str, source: dict):
+    import gluonnlp as nlp
+
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as fh:
+            record = json.load(fh)
+        if record.get("format") != FORMAT or record.get("source") != source:
+            raise ValueError("it does not match its source")
+        return nlp.Vocab.from_json(record["vocab"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        _warn(f"cache entry {path} is damaged ({err}); rebuilding it")
+        return None
+
+
+def _map_ids(stem: str, source: dict) -> Optional[np.memmap]:
+    if not os.path.exists(stem + ".json"):
+        return None
+    try:
+        with open(stem + ".json", encoding="utf-8") as fh:
+            record = json.load(fh)
+        if record.get("format") != FORMAT or record.get("source") != source:
+            raise ValueError("its record does not match the source")
+        if os.path.getsize(stem + ".i32") != 4 * record["tokens"]:
+            raise ValueError("it has the wrong size")
+        if hash_file(stem + ".i32") != record["sha256"]:
+            raise ValueError("digest mismatch")
+        return np.memmap(stem + ".i32", dtype=np.int32, mode="r")
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        _warn(f"cache entry {stem}.i32 is damaged ({err}); rebuilding it")
+        return None
+
+
+@contextmanager
+def _staged(root: str):
+    """A temporary file in root, removed unless the caller renamed it."""
+    fd, tmp = tempfile.mkstemp(dir=root, prefix=".build-")
+    os.close(fd)
+    try:
+        yield tmp
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _fsync(path: str) -> None:
+    with open(path, "rb+") as fh:
+        os.fsync(fh.fileno())
+
+
+def _write_atomic(root: str, path: str, data: bytes) -> None:
+    with _staged(root) as tmp:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+
+
+def _warn(message: str) -> None:
+    print(f"dist-lm: warning: {message}", file=sys.stderr, flush=True)

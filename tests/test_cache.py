@@ -1,0 +1,218 @@
+"""The corpus cache: the same ids and vocabulary as the uncached reading, built once,
+verified on every use, rebuilt when stale or damaged, safe with two builders at once."""
+
+import os
+import subprocess
+
+import numpy as np
+import pytest
+
+from conftest import BIN, TEST, TINY, VALID, WIKITEXT2, data_args, dist_lm
+from dist_lm import cache as C
+from dist_lm import data as D
+from dist_lm.errors import UsageError
+
+
+def canonical(vocab):
+    """A vocabulary's JSON as every load gives it back (what runs and checkpoints see)."""
+    return D.vocab_from_json(vocab.to_json()).to_json()
+
+
+def test_ids_and_vocabulary_equal_the_uncached_reading_on_wikitext2(tmp_path):
+    cache = C.CorpusCache(str(tmp_path))
+    vocab = cache.vocab(str(VALID), 1, None)
+    tokens = D.read_tokens(str(VALID))
+    assert vocab.to_json() == canonical(D.build_vocab(tokens))
+    np.testing.assert_array_equal(cache.ids(str(VALID), vocab), D.encode(tokens, vocab))
+    np.testing.assert_array_equal(cache.ids(str(TEST), vocab),
+                                  D.encode(D.read_tokens(str(TEST)), vocab))
+    small = cache.vocab(str(VALID), 3, 1000)
+    assert small.to_json() == canonical(D.build_vocab(tokens, min_freq=3, max_size=1000))
+    np.testing.assert_array_equal(cache.ids(str(VALID), small), D.encode(tokens, small))
+
+
+@pytest.mark.slow
+def test_the_full_training_split_equals_the_uncached_reading(tmp_path):
+    train = WIKITEXT2 / "wiki.train.tokens"
+    cache = C.CorpusCache(str(tmp_path))
+    vocab = cache.vocab(str(train), 1, None)
+    tokens = D.read_tokens(str(train))
+    assert len(vocab) == 33278 and vocab.to_json() == canonical(D.build_vocab(tokens))
+    ids = cache.ids(str(train), vocab)
+    assert len(ids) == 2088628
+    np.testing.assert_array_equal(ids, D.encode(tokens, vocab))
+
+
+def test_lines_split_as_splitlines_splits_them_across_chunk_boundaries(tmp_path,
+                                                                       monkeypatch):
+    text = ("a b\r\nc\rd\x0be\x1cf\u2028g h\n\n  \n\x85i\r\n\r\nlast words")
+    path = tmp_path / "odd.txt"
+    path.write_bytes(text.encode("utf-8"))
+    want = D.read_tokens(str(path))
+    for chunk in range(1, 12):  # boundaries everywhere, between '\r' and '\n' included
+        monkeypatch.setattr(C, "CHUNK_BYTES", chunk)
+        got = [t for lines in C.read_chunks(str(path)) for t in C.tokens_of(lines)]
+        assert got == want, chunk
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"", "is empty"), (b" \n\n\t\n", "is empty"), (b"caf\xe9\n", "not UTF-8 text"),
+    (b"a\0b\n", "binary file")])
+def test_bad_files_are_refused(tmp_path, content, message):
+    path = tmp_path / "bad.txt"
+    path.write_bytes(content)
+    with pytest.raises(UsageError, match=message):
+        C.CorpusCache(str(tmp_path / "cache")).vocab(str(path), 1, None)
+
+
+def entries(root):
+    return {n: os.stat(os.path.join(root, n)).st_ino for n in os.listdir(root)
+            if not n.startswith(".")}
+
+
+def test_a_second_use_maps_the_entries_without_rebuilding(tmp_path, heldout):
+    root = str(tmp_path / "c")
+    cache = C.CorpusCache(root)
+    vocab = cache.vocab(str(heldout), 1, None)
+    first = cache.ids(str(heldout), vocab)
+    built = entries(root)
+    assert len(built) == 3  # vocab-*.json, ids-*.i32, ids-*.json
+    again = C.CorpusCache(root)
+    np.testing.assert_array_equal(again.ids(str(heldout), again.vocab(str(heldout), 1, None)),
+                                  first)
+    assert entries(root) == built  # the same files: nothing was written again
+    assert isinstance(first, np.memmap)
+
+
+def test_a_changed_source_or_option_gets_new_entries(tmp_path, heldout):
+    root = str(tmp_path / "c")
+    text = tmp_path / "t.txt"
+    text.write_text(heldout.read_text())
+    cache = C.CorpusCache(root)
+    v1 = cache.vocab(str(text), 1, None)
+    cache.ids(str(text), v1)
+    v2 = cache.vocab(str(text), 2, None)
+    assert len(v2) < len(v1) and len(entries(root)) == 6  # a vocabulary and ids each
+    text.write_text(heldout.read_text() + "one more line\n")
+    v3 = cache.vocab(str(text), 1, None)
+    ids = cache.ids(str(text), v3)
+    assert "more" in v3.token_to_idx and len(entries(root)) == 9
+    np.testing.assert_array_equal(ids, D.encode(D.read_tokens(str(text)), v3))
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "record"])
+def test_a_damaged_entry_is_rebuilt_with_a_warning(tmp_path, heldout, damage, capsys):
+    root = tmp_path / "c"
+    cache = C.CorpusCache(str(root))
+    vocab = cache.vocab(str(heldout), 1, None)
+    want = np.array(cache.ids(str(heldout), vocab))
+    (ids_file,) = root.glob("ids-*.i32")
+    if damage == "flip":
+        data = bytearray(ids_file.read_bytes())
+        data[100] ^= 1
+        ids_file.write_bytes(bytes(data))
+    elif damage == "truncate":
+        ids_file.write_bytes(ids_file.read_bytes()[:1000])
+    else:
+        ids_file.with_suffix(".json").write_text("{not json")
+    capsys.readouterr()
+    np.testing.assert_array_equal(cache.ids(str(heldout), vocab), want)
+    err = capsys.readouterr().err
+    assert f"cache entry {ids_file.with_suffix('')}.i32 is damaged" in err, err
+    assert "rebuilding it" in err
+    np.testing.assert_array_equal(C.CorpusCache(str(root)).ids(str(heldout), vocab), want)
+
+
+def test_two_processes_building_at_once_build_once_and_agree(tmp_path):
+    """Both start on an empty cache; the lock lets one build while the other waits."""
+    root, out = tmp_path / "c", tmp_path / "out"
+    code = ("import sys, numpy as np\nfrom dist_lm.cache import CorpusCache\n"
+            "c = CorpusCache(sys.argv[1]); v = c.vocab(sys.argv[2], 1, None)\n"
+            "np.save(sys.argv[3], np.array(c.ids(sys.argv[2], v)))\n"
+            "print(len(v))\n")
+    procs = [subprocess.Popen([BIN / "python", "-c", code, root, VALID,
+                               out.with_suffix(f".{i}.npy")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    results = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), results
+    assert results[0][0] == results[1][0]
+    assert not any("damaged" in err for _, err in results), results
+    np.testing.assert_array_equal(np.load(out.with_suffix(".0.npy")),
+                                  np.load(out.with_suffix(".1.npy")))
+    assert sorted(n.split("-")[0] for n in entries(root)) == ["ids", "ids", "vocab"]
+
+
+def test_the_default_place_falls_back_when_the_data_directory_is_read_only(
+        tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    data.mkdir()
+    assert C.default_root(str(data / "x.txt")) == str(data / ".dist-lm-cache")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home"))
+    data.chmod(0o555)  # no write bits: read-only by intent, root included
+    try:
+        assert C.default_root(str(data / "x.txt")) == str(tmp_path / "home" / "dist-lm")
+    finally:
+        data.chmod(0o755)
+    real = C._writable
+    monkeypatch.setattr(C, "_writable",
+                        lambda d: False if str(data) in d else real(d))
+    assert C.default_root(str(data / "x.txt")) == str(tmp_path / "home" / "dist-lm")
+
+
+@pytest.mark.parametrize("where", ["file", "under a file"])
+def test_an_unusable_cache_dir_is_one_line_and_exit_2(tmp_path, heldout, where):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    cache_dir = blocker if where == "file" else blocker / "cache"
+    proc = dist_lm("train", *data_args(heldout, heldout, heldout), *TINY, "--max-steps", "1",
+                   "--cache-dir", cache_dir, "--run-dir", tmp_path / "run", timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"dist-lm: error: cache directory "
+                                                   f"{cache_dir}"), proc.stderr
+
+
+def test_training_reads_the_cache_and_a_second_run_reuses_it(tmp_path, heldout):
+    cache_dir = tmp_path / "cache"
+    args = ["train", *data_args(heldout, heldout, heldout), *TINY, "--max-steps", "2",
+            "--log-interval", "1", "--cache-dir", cache_dir]
+    first = dist_lm(*args, "--run-dir", tmp_path / "a", timeout=120)
+    assert first.returncode == 0, first.stderr
+    built = entries(cache_dir)
+    second = dist_lm(*args, "--run-dir", tmp_path / "b", timeout=120)
+    assert second.returncode == 0, second.stderr
+    assert entries(cache_dir) == built
+    assert (tmp_path / "a" / "vocab.json").read_text() == \
+        (tmp_path / "b" / "vocab.json").read_text() == \
+        canonical(D.build_vocab(D.read_tokens(str(heldout))))
+
+
+def test_a_ranks_columns_are_a_view_of_the_mapped_ids(tmp_path, heldout):
+    """Each rank keeps a map of its own columns, not a copy of the corpus."""
+    cache = C.CorpusCache(str(tmp_path))
+    ids = cache.ids(str(heldout), cache.vocab(str(heldout), 1, None))
+    whole = D.layout_columns(np.array(ids), 4, range(0, 4), 35)
+    for rank in range(2):
+        shard = D.shard_columns(ids, 2, rank, 2, 35)
+        assert isinstance(shard.cols, np.memmap) and np.shares_memory(shard.cols, ids)
+        for i in (0, shard.num_batches - 1):
+            np.testing.assert_array_equal(shard.batch(i)[0],
+                                          whole.batch(i)[0][:, 2 * rank:2 * rank + 2])
+
+
+@pytest.mark.dist
+def test_the_scale_bench_runs_on_a_small_synthetic_corpus(tmp_path):
+    """The benchmark's plumbing, not its figures: corpora written, every run measured."""
+    proc = dist_lm("bench-scale", "--dir", tmp_path, "--tokens", "60000", "--small-tokens",
+                   "20000", "--vocab", "1000", "--ranks", "1,2", timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split() for line in proc.stdout.splitlines()
+            if line.split()[:1] in (["big"], ["small"])]
+    assert [r[:3] for r in rows] == [["big", "cold", "1"], ["big", "warm", "1"],
+                                     ["small", "warm", "1"], ["big", "cold", "2"],
+                                     ["big", "warm", "2"], ["small", "warm", "2"]]
+    assert all(float(r[3]) > 0 and float(r[4]) > 0 for r in rows)
+    vocab = {w for line in (tmp_path / "small.tokens").read_text().splitlines()
+             for w in line.split()}
+    assert len(vocab) == 1000  # the small corpus keeps the whole vocabulary

@@ -7,13 +7,14 @@ It writes, once and deterministically (seed 1), into DIR:
                    lines of 100 words drawn from a Zipf distribution (p(k) ~ 1/k)
     small.tokens   the first --small-tokens of it (2M) plus every word once more: the
                    same vocabulary at a fiftieth of the size
-    heldout.tokens 50,000 tokens for validation and test
+    heldout.tokens every word once and 50,000 tokens, for validation and test
 
-and runs `dist-lm train --max-steps 1` (standard_lstm_lm_200, full softmax, global batch
-20 x 35) under mpirun at each rank count, printing for each run the wall time from launch
-to the first training step's log line and the peak resident memory of the largest
-process (a rank): on the big corpus with an empty corpus cache (cold) and with the cache
-built (warm), and on the small corpus (warm). It is a benchmark, not a test.
+and runs `dist-lm train` (standard_lstm_lm_200, full softmax, global batch 20 x 35) under
+mpirun at each rank count until its first training step, printing for each run the wall
+time from launch to that step's log line and the peak resident memory (VmHWM) of the
+largest process (a rank) by then: on the big corpus with an empty corpus cache (cold)
+and with the cache built (warm), and on the small corpus (warm). It is a benchmark, not
+a test.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import time
 import numpy as np
 
 from .errors import UsageError
+from .procs import kill_session, session_members
 
 LINE = 100
 
@@ -82,22 +84,42 @@ def prefix_with_every_word(src: str, dst: str, tokens: int, vocab: int) -> None:
 
 
 def measure(cmd, timeout: float) -> dict:
-    """Runs cmd under GNU time; seconds to the first step's log line, peak RSS (MB) of the
-    largest process, and the line."""
-    full = ["/usr/bin/time", "-f", "maxrss_kb=%M", *map(str, cmd)]
+    """Runs cmd until its first training step's log line: the seconds from launch to that
+    line, and the peak resident memory (VmHWM) of its largest process, a rank; then ends
+    the whole job (the rest of a run, such as its validation, is not measured)."""
     start = time.time()
-    proc = subprocess.Popen(full, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    first = None
-    for line in proc.stdout:
-        if first is None and re.search(r"\[Epoch 0 Batch 1/", line):
-            first = time.time() - start
-    _, err = proc.communicate(timeout=timeout)
-    if proc.returncode != 0 or first is None:
-        raise UsageError(f"bench-scale: {' '.join(map(str, cmd[:3]))}... failed "
-                         f"(exit {proc.returncode}): {err.strip().splitlines()[-3:]}")
-    rss = int(re.search(r"maxrss_kb=(\d+)", err).group(1)) / 1024
-    return {"first_step_s": first, "peak_rss_mb": rss}
+    proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    first, seen = None, []
+    try:
+        deadline = start + timeout
+        for line in proc.stdout:
+            seen.append(line)
+            if re.search(r"\[Epoch 0 Batch 1/", line):
+                first = time.time() - start
+                break
+            if time.time() > deadline:
+                break
+        peak = max((_peak_rss_mb(pid) for pid in session_members(proc.pid) or []),
+                   default=0.0)
+    finally:
+        kill_session(proc.pid)
+        proc.wait()
+    if first is None:
+        raise UsageError(f"bench-scale: no first step from {' '.join(map(str, cmd[:3]))}...: "
+                         f"{''.join(seen[-3:]).strip()}")
+    return {"first_step_s": first, "peak_rss_mb": peak}
+
+
+def _peak_rss_mb(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
 
 
 def run(args: argparse.Namespace) -> int:

@@ -50,6 +50,10 @@ STEP_DIR = re.compile(r"^step-(\d{9})$")
 RNG_SCHEME = "mx.random.seed(crc32('seed:rank:step')) before every step"
 
 
+class OtherFormat(UsageError):
+    """A checkpoint written in another format: refused, never skipped as damaged."""
+
+
 @dataclass
 class Progress:
     """Where the run is in the data."""
@@ -288,7 +292,12 @@ def verify(path: str) -> Checkpoint:
             from None
     except (OSError, ValueError) as err:
         raise UsageError(f"checkpoint {path}: unreadable meta.json ({err})") from None
-    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+    version = meta.get("format_version") if isinstance(meta, dict) else None
+    if isinstance(version, int) and version != FORMAT_VERSION:
+        raise OtherFormat(f"checkpoint {path} has format {version}, written by another "
+                          f"version of dist-lm (this one reads format {FORMAT_VERSION}); "
+                          f"resume it with that version, or start in another --run-dir")
+    if version != FORMAT_VERSION:
         raise UsageError(f"checkpoint {path}: unknown format (version "
                          f"{meta.get('format_version') if isinstance(meta, dict) else '?'}, "
                          f"expected {FORMAT_VERSION})")
@@ -313,6 +322,8 @@ def find_resume(spec: str, directory: str, strict: bool) -> Optional[Checkpoint]
     for path in reversed(list_checkpoints(directory)):
         try:
             return verify(path)
+        except OtherFormat:  # not damaged: falling back past it would lose the run
+            raise
         except UsageError as err:
             if strict:
                 raise

@@ -113,3 +113,24 @@ def test_a_bad_thread_count_in_the_environment(value, tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines() == [
         f"dist-lm: error: OMP_NUM_THREADS must be a positive integer, not '{value}'"]
+
+
+def test_a_checkpoint_of_another_format_is_refused_not_skipped(trained_run, heldout, tmp_path):
+    """Skipping it as damaged would start the run afresh and prune the user's checkpoints."""
+    import json
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run, run_dir)
+    newest = sorted((run_dir / "checkpoints").iterdir())[-1]
+    meta = json.loads((newest / "meta.json").read_text())
+    meta["format_version"] = 1
+    (newest / "meta.json").write_text(json.dumps(meta))
+    before = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    proc = dist_lm("train", *data_args(heldout, heldout, heldout), *TINY, "--max-steps", "20",
+                   "--run-dir", run_dir, "--resume", "auto", timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "has format 1, written by another version" in lines[0], \
+        proc.stderr
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before

@@ -26,7 +26,10 @@ class Interval:
     """A closed log interval, global over ranks."""
 
     steps: int
-    seconds: float       # wall time since the interval began (or since a resume)
+    seconds: float       # wall time of the steps this process timed
+    # Those steps: fewer than `steps` in the first interval after a resume, whose
+    # earlier steps ran in another process.
+    timed_steps: int
     loss: float          # mean over the interval's finite steps
     grad_norm: float
     clipped: float       # fraction of the finite steps whose norm exceeded --clip
@@ -39,7 +42,7 @@ class IntervalMeter:
         self.steps = 0               # steps in the interval so far
         self.first_step = 1          # the global step the interval began with
         self.nonfinite_steps = 0     # skipped for NaN/Inf over the run (closed intervals)
-        self.started = time.time()
+        self.started, self.timed_steps = time.time(), 0
 
     def add(self, loss: mx.nd.NDArray, norm: mx.nd.NDArray, finite: mx.nd.NDArray) -> None:
         """loss, norm, finite: (1,) on the device; a non-finite step adds only its count."""
@@ -47,6 +50,7 @@ class IntervalMeter:
         clipped = norm > self.clip if self.clip else norm * 0
         self.sums += mx.nd.concat(loss, norm, clipped, 1 - finite, dim=0)
         self.steps += 1
+        self.timed_steps += 1
 
     def _totals(self) -> np.ndarray:
         """The interval's sums over all ranks (a device sync and an allreduce); raises
@@ -64,12 +68,13 @@ class IntervalMeter:
         totals = self._totals()
         bad = int(round(totals[3] / self.world.size))  # every rank counts the same steps
         good = max(1, (self.steps - bad) * self.world.size)
-        interval = Interval(self.steps, time.time() - self.started, float(totals[0] / good),
+        interval = Interval(self.steps, time.time() - self.started, self.timed_steps,
+                            float(totals[0] / good),
                             float(totals[1] / good), float(totals[2] / good))
         self.nonfinite_steps += bad
         self.first_step += self.steps
         self.sums[:] = 0
-        self.steps, self.started = 0, time.time()
+        self.steps, self.started, self.timed_steps = 0, time.time(), 0
         return interval
 
     # --- checkpoint part ---------------------------------------------------------------

@@ -171,7 +171,7 @@ def train_step(run: Run, states):
         run.world.check_in_sync(run.model.collect_params(), p.step)
     if run.meter.steps == cfg.run.log_interval:
         interval = run.meter.close()
-        samples_per_s = run.world.size * cfg.run.batch_size * interval.steps / \
+        samples_per_s = run.world.size * cfg.run.batch_size * interval.timed_steps / \
             interval.seconds
         run.reporter.train(TrainStats(
             epoch=p.epoch, batch=p.batch, num_batches=run.corpus.train.num_batches,

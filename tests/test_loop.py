@@ -211,3 +211,19 @@ def test_a_run_cut_into_max_steps_chunks_ends_where_an_uninterrupted_run_ends(
     assert [chunked[s] for s, _ in epoch_end] == [v for _, v in epoch_end]
     meta = verify(list_checkpoints(chunks / "checkpoints")[-1]).meta
     assert meta["progress"]["epoch"] == 3 and meta["schedule"]["current"] < base
+
+
+def test_the_first_interval_after_a_resume_times_only_its_own_steps():
+    """Throughput after a resume: the restored steps ran in another process, so only the
+    steps taken here count against the time measured here."""
+    from dist_lm.meter import IntervalMeter
+
+    meter = IntervalMeter(LocalWorld(), mx.cpu(), clip=0.25, nonfinite="stop")
+    meter.load_state_dict({"steps": 8, "first_step": 1, "sums": [40.0, 8.0, 8.0, 0.0],
+                           "nonfinite_steps": 0})
+    one = mx.nd.ones((1,))
+    for _ in range(2):
+        meter.add(one * 5, one, one)
+    interval = meter.close()
+    assert (interval.steps, interval.timed_steps) == (10, 2)
+    assert interval.loss == pytest.approx(5.0)

@@ -102,6 +102,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout-s", type=float, default=1800.0,
                    help="a measurement that takes longer fails the bench")
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--sampled-softmax", type=int, metavar="K",
+                   help="train with a sampled softmax of K candidates (dist-lm variants "
+                   "only; the reference has none)")
+    p.add_argument("--exchange", choices=("dense", "rows"), default="dense",
+                   help="how the embedding/decoder gradients travel (--exchange of train)")
+    p.add_argument("--cache-dir", help="the corpus cache (as --cache-dir of train)")
 
 
 # --- worker: one measurement in this process (one rank of it) -----------------------------
@@ -110,6 +116,7 @@ def worker(args: argparse.Namespace) -> None:
     import mxnet as mx
 
     from . import data as D
+    from .cache import CorpusCache, cache_root
     from .config import Config, ModelConfig
     from .dist import make_world
     from .model import build_model
@@ -123,16 +130,19 @@ def worker(args: argparse.Namespace) -> None:
                        else "horovod", args.fusion_threshold_mb, args.cycle_time_ms)
     seed_everything(1)
     ctx = mx.cpu()
-    tokens = D.read_tokens(args.train_file)
-    vocab = D.build_vocab(tokens)
+    # The corpus cache the driver built: mapped ids, as training reads them.
+    cache = CorpusCache(cache_root(args.cache_dir, args.train_file))
+    vocab = cache.vocab(args.train_file, 1, None)
     parts, part = (2, int(os.environ["OMPI_COMM_WORLD_RANK"])) if pair else \
         (world.size, world.rank)
     columns = args.global_batch_size // parts
-    shard = D.shard_columns(D.encode(tokens, vocab), columns, part, parts, args.bptt)
+    shard = D.shard_columns(cache.ids(args.train_file, vocab), columns, part, parts,
+                            args.bptt)
     batches = [(shard.batch(i % shard.num_batches)) for i in range(args.warmup + args.steps)]
     cfg = Config(model=ModelConfig(model=args.model, **PRESETS[args.model]))
     cfg.dist.fp16_allreduce = args.fp16_allreduce
-    grad_bytes = 0
+    cfg.optim.sampled_softmax, cfg.dist.exchange = args.sampled_softmax, args.exchange
+    grad_bytes, union_rows = 0, []
     if reference:
         from .reference import ReferenceStepper
         ref = ReferenceStepper(args.model, vocab, cfg.optim.lr, cfg.optim.clip, ctx)
@@ -153,8 +163,9 @@ def worker(args: argparse.Namespace) -> None:
 
         def one(i):
             nonlocal states, losses
-            loss, *_, states = stepper.step(*batches[i], states)
+            loss, *_, states = stepper.step(*batches[i], states, None, i)
             losses += loss  # kept on the device, as the training loop does
+            union_rows.append(getattr(stepper.trainer, "union_rows", 0))
 
     def timed(first: int, count: int) -> float:
         """Seconds for `count` steps, from a barrier to a barrier (the slowest rank)."""
@@ -188,6 +199,15 @@ def worker(args: argparse.Namespace) -> None:
         mx.nd.waitall()
         world.barrier()
         allreduce_alone_s = (time.perf_counter() - start) / args.steps
+    exchange_bytes = grad_bytes
+    if args.exchange == "rows" and world.size > 1:
+        # Row parameters travel as the union's rows: |union| x their row widths.
+        width = sum(p.data().size // p.shape[0] for p in stepper.trainer._params
+                    if p.name in stepper.trainer._row_names)
+        dense_rows = sum(p.data().size for p in stepper.trainer._params
+                         if p.name in stepper.trainer._row_names)
+        mean_union = sum(union_rows[args.warmup:]) / max(1, len(union_rows) - args.warmup)
+        exchange_bytes = grad_bytes - (dense_rows - mean_union * width) * itemsize
     rss = world.allgather_object(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                                  name="bench.rss")
     reported = columns if pair else args.global_batch_size  # the columns this line speaks for
@@ -199,7 +219,8 @@ def worker(args: argparse.Namespace) -> None:
             "samples_per_s": args.steps * reported / seconds,
             "step_ms": seconds / args.steps * 1e3,
             "allreduce_share": allreduce_share, "allreduce_alone_ms": allreduce_alone_s * 1e3,
-            "grad_mb": grad_bytes / 1e6, "peak_rss_mb": rss, "vocab": len(vocab)}),
+            "grad_mb": grad_bytes / 1e6, "exchange_mb": exchange_bytes / 1e6,
+            "peak_rss_mb": rss, "vocab": len(vocab)}),
             flush=True)
     world.shutdown()
 
@@ -239,10 +260,13 @@ def _command(variant: str, args: argparse.Namespace) -> List[str]:
     inner = [sys.executable, "-m", "dist_lm.bench", "--worker", variant,
              "--train-file", args.train_file, "--model", args.model,
              "--global-batch-size", str(args.global_batch_size), "--bptt", str(args.bptt),
-             "--steps", str(args.steps), "--warmup", str(args.warmup)]
+             "--steps", str(args.steps), "--warmup", str(args.warmup),
+             "--exchange", args.exchange]
     inner += ["--fp16-allreduce"] if args.fp16_allreduce else []
     for flag, value in (("--cycle-time-ms", args.cycle_time_ms),
-                        ("--fusion-threshold-mb", args.fusion_threshold_mb)):
+                        ("--fusion-threshold-mb", args.fusion_threshold_mb),
+                        ("--sampled-softmax", args.sampled_softmax),
+                        ("--cache-dir", args.cache_dir)):
         inner += [flag, str(value)] if value is not None else []
     if variant.startswith("reference") or variant == "local":
         return inner
@@ -328,8 +352,6 @@ def _fail(variant: str, what: str, stderr: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import numpy as np
-
     from . import data as D
     from .errors import UsageError
     from .presets import PRESETS
@@ -354,10 +376,26 @@ def run(args: argparse.Namespace) -> int:
     if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
         # Checked now, not after an hour of measuring.
         raise UsageError(f"--json {args.json}: its directory does not exist")
-    # The workers' own checks, made once here so that bad data stops the bench at once.
-    tokens = D.read_tokens(args.train_file)
-    D.shard_columns(np.zeros(len(tokens)), args.global_batch_size, 0, 1, args.bptt,
-                    what=args.train_file)
+    if args.sampled_softmax is not None:
+        if any(v.startswith("reference") for v in variants):
+            raise UsageError("--sampled-softmax: the reference variants have no sampled "
+                             "softmax; choose dist-lm variants with --variants")
+        if args.sampled_softmax <= 0:
+            raise UsageError(f"--sampled-softmax must be a positive integer, got "
+                             f"{args.sampled_softmax}")
+    if args.exchange == "rows" and args.sampled_softmax is None:
+        raise UsageError("--exchange rows needs --sampled-softmax")
+    # The workers' own checks, made once here so that bad data stops the bench at once;
+    # this also builds the corpus cache the workers map.
+    from .cache import CorpusCache, cache_root
+
+    cache = CorpusCache(cache_root(args.cache_dir, args.train_file))
+    vocab_size = len(cache.vocab(args.train_file, 1, None))
+    if args.sampled_softmax is not None and args.sampled_softmax >= vocab_size:
+        raise UsageError(f"--sampled-softmax {args.sampled_softmax} must be smaller than "
+                         f"the vocabulary ({vocab_size} words)")
+    ids = cache.ids(args.train_file, cache.vocab(args.train_file, 1, None))
+    D.shard_columns(ids, args.global_batch_size, 0, 1, args.bptt, what=args.train_file)
     cores = len(os.sched_getaffinity(0))
     load_at_start = os.getloadavg()[0]
     results: Dict[str, List[Dict]] = {v: [] for v in variants}
@@ -371,9 +409,13 @@ def run(args: argparse.Namespace) -> int:
                   f"{r['tokens_per_s']:9.0f} tokens/s", file=sys.stderr, flush=True)
     m = PRESETS[args.model]
     vocab = results[variants[0]][0]["vocab"]
-    flops = flops_per_token(m["embed_size"], m["hidden_size"], m["num_layers"], vocab,
+    # A sampled softmax scores 1 + K classes per token instead of V.
+    scored = vocab if args.sampled_softmax is None else args.sampled_softmax + 1
+    flops = flops_per_token(m["embed_size"], m["hidden_size"], m["num_layers"], scored,
                             m["tie_weights"])
-    print(f"dist-lm bench: {args.model}, vocab {vocab}, global batch "
+    softmax = "full softmax" if args.sampled_softmax is None else \
+        f"sampled softmax K={args.sampled_softmax}, exchange {args.exchange}"
+    print(f"dist-lm bench: {args.model}, vocab {vocab}, {softmax}, global batch "
           f"{args.global_batch_size} x bptt {args.bptt}, {args.steps} timed steps after "
           f"{args.warmup}, {args.repeats} repeats, {cores} cores, {flops / 1e6:.1f} "
           f"MFLOP/token, 1-min load at start {load_at_start:.2f}")
@@ -404,6 +446,7 @@ def run(args: argparse.Namespace) -> int:
                             "median_samples_per_s": sps, "median_step_ms": step_ms,
                             "allreduce_share": share, "allreduce_alone_ms": alone,
                             "grad_mb": rs[0]["grad_mb"], "peak_rss_mb": mem,
+                            "exchange_mb": statistics.median(r["exchange_mb"] for r in rs),
                             "ranks": rs[0]["ranks"], "threads": rs[0]["threads"]}
     before = max(r["busy_before"] for rs in results.values() for r in rs)
     during = max(r["others_busy"] for rs in results.values() for r in rs)
@@ -412,8 +455,11 @@ def run(args: argparse.Namespace) -> int:
           + ("" if max(before, during) <= args.max_busy else " (figures measured under load)"))
     grad_mb = max(r[0]["grad_mb"] for r in results.values())
     if any(r[0]["ranks"] > 1 for v, r in results.items() if v != "pair2"):
-        print(f"allreduce: {grad_mb:.1f} MB of gradients per step; 'allreduce' = 1 - step time "
-              f"with the allreduce made a no-op / step time; 'AR ms' = the allreduce alone")
+        sent = max(r["exchange_mb"] for v, rs in results.items() for r in rs
+                   if rs[0]["ranks"] > 1 and v != "pair2")
+        print(f"allreduce: {grad_mb:.1f} MB of gradients per step, {sent:.1f} MB exchanged "
+              f"per step; 'allreduce' = 1 - step time with the allreduce made a no-op / "
+              f"step time; 'AR ms' = the allreduce alone")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump({"args": vars(args), "results": summary}, fh, indent=2)

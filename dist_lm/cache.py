@@ -44,6 +44,7 @@ from typing import Iterator, List, Optional
 
 import numpy as np
 
+from .data import vocab_from_json
 from .errors import UsageError
 from .hashing import hash_file
 
@@ -252,8 +253,6 @@ def _gather(provisional: str, final: np.ndarray, out) -> None:
 
 
 def _read_vocab(path: str, source: dict):
-    import gluonnlp as nlp
-
     if not os.path.exists(path):
         return None
     try:
@@ -261,7 +260,7 @@ def _read_vocab(path: str, source: dict):
             record = json.load(fh)
         if record.get("format") != FORMAT or record.get("source") != source:
             raise ValueError("it does not match its source")
-        return nlp.Vocab.from_json(record["vocab"])
+        return vocab_from_json(record["vocab"])  # ValueError: damaged
     except (OSError, ValueError, KeyError, TypeError) as err:
         _warn(f"cache entry {path} is damaged ({err}); rebuilding it")
         return None

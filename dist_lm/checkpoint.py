@@ -7,14 +7,22 @@ The parts (`Parts`), each saved whole and restored in place:
                 and counters (update counts)             -> meta.json
     schedule    learning rate and plateau state          -> meta.json
     progress    epoch, next batch, step, best step, test loss at the best  -> meta.json
+                (variable-length BPTT: also the token position and rows trained)
     meter       the log interval in progress and the non-finite count      -> meta.json
     hidden      the recurrent state of every column of the global batch    -> hidden.nd
+    terms       AR/TAR sums of the log interval (with --alpha/--beta)      -> meta.json
+    average     NT-ASGD's trigger state (with --ntasgd)                    -> meta.json
+                and, once it switched, the averaged parameters   -> optimizer.nd "average/*"
 
 besides which meta.json records the format version, the config, the vocabulary's digest,
 the global batch layout, the random-number scheme and the sha256 of the three array
 files. Nothing is pickled. Randomness needs no saved state: before every step the MXNet
 generator is re-seeded from (seed, rank, step), so a resumed run draws the same dropout
-masks as an uninterrupted one.
+masks as an uninterrupted one (and variable BPTT lengths come from (seed, step)).
+
+A checkpoint holding any of the AWD recipe's state (token position, interval schedule,
+terms, average) is format 3, which earlier versions refuse instead of resuming without
+it; every other checkpoint is still written as format 2, as before.
 
     RUN_DIR/checkpoints/step-000001200/{model.params, optimizer.nd, hidden.nd, meta.json}
 
@@ -44,7 +52,9 @@ from .errors import UsageError
 from .hashing import hash_file
 from .schedule import LRSchedule
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3      # written when a checkpoint holds state format 2 has no place for
+BASE_FORMAT = 2         # written otherwise: the fixed-BPTT recipe's checkpoints as before
+READABLE = (BASE_FORMAT, FORMAT_VERSION)
 FILES = ("model.params", "optimizer.nd", "hidden.nd")
 STEP_DIR = re.compile(r"^step-(\d{9})$")
 RNG_SCHEME = "mx.random.seed(crc32('seed:rank:step')) before every step"
@@ -63,6 +73,16 @@ class Progress:
     step: int = 0                     # optimizer steps done
     best_step: Optional[int] = None   # the checkpoint to keep when pruning
     test_loss: Optional[float] = None  # at the best validation loss
+    # Variable-length BPTT only (bptt.py), None otherwise:
+    position: Optional[int] = None    # next token row of the epoch's columns
+    rows: Optional[int] = None        # rows (tokens per column) trained on over the run
+
+    def state_dict(self) -> dict:
+        state = asdict(self)
+        for key in ("position", "rows"):  # a fixed-BPTT run saves what it always saved
+            if state[key] is None:
+                del state[key]
+        return state
 
 
 @dataclass
@@ -74,6 +94,8 @@ class Parts:
     schedule: LRSchedule
     progress: Progress
     meter: object        # meter.IntervalMeter
+    terms: object = None    # regularize.TermSums or NoTerms
+    average: object = None  # ntasgd.Averager or NoAverage
 
 
 def sha256(path: str) -> str:
@@ -88,12 +110,15 @@ class Checkpointer:
     """Saves and restores `Parts` for one run; every rank calls it at the same points."""
 
     def __init__(self, parts: Parts, world, run_dir, cfg, vocab_json: str,
-                 batches_per_epoch: int):
+                 batches_per_epoch: int, epoch_done=None):
+        """epoch_done(progress): whether the epoch's windows are all trained (default:
+        progress.batch == batches_per_epoch)."""
         self.parts, self.world, self.run_dir, self.cfg = parts, world, run_dir, cfg
         self.vocab_digest = text_digest(vocab_json)
         self.layout = {"global_columns": world.size * cfg.run.batch_size,
                        "bptt": cfg.run.bptt, "ranks": world.size,
                        "batches_per_epoch": batches_per_epoch}
+        self.epoch_done = epoch_done or (lambda p: p.batch >= batches_per_epoch)
 
     def save(self, hidden: List[mx.nd.NDArray]) -> None:
         """Checkpoints the parts as they are now; `hidden` is this rank's recurrent state,
@@ -107,10 +132,17 @@ class Checkpointer:
         # Columns of the global batch in rank order: (L, N*b, H) per state array.
         full = [np.concatenate([g[i] for g in gathered], axis=1) for i in range(len(hidden))]
         arrays, counters = optimizer_arrays(p.trainer)
-        meta = {"progress": asdict(p.progress), "schedule": p.schedule.state_dict(),
+        meta = {"progress": p.progress.state_dict(), "schedule": p.schedule.state_dict(),
                 "meter": meter_state, "optimizer_counters": counters,
                 "config": self.cfg.to_dict(), "vocab_sha256": self.vocab_digest,
                 "layout": self.layout, "rng": RNG_SCHEME}
+        for name, part in [("terms", p.terms), ("average", p.average)]:
+            state = part.state_dict() if part is not None else None  # terms: a reduction
+            if state is not None:
+                meta[name] = state
+        if p.average is not None:
+            arrays.update(p.average.arrays())
+        meta["format_version"] = format_of(meta)
         run_everywhere(self.world, lambda: self.run_dir.save_checkpoint(
             p.progress.step, p.model, arrays, full, meta, self.cfg.reliability.keep_checkpoints,
             p.progress.best_step), "ckpt.write")
@@ -133,12 +165,17 @@ class Checkpointer:
             self.world, lambda: self.run_dir.load_checkpoint(found, p.model, ctx), "resume-load")
         arrays = self.world.broadcast_object(arrays, name="resume.arrays")
         hidden = arrays.pop("hidden")
-        restore_optimizer(p.trainer, {k: mx.nd.array(v) for k, v in arrays.items()},
+        if p.average is not None and "average" in meta:
+            p.average.load_state_dict(meta["average"], arrays, ctx)
+        restore_optimizer(p.trainer, {k: mx.nd.array(v) for k, v in arrays.items()
+                                      if not k.startswith("average/")},
                           meta["optimizer_counters"], ctx)
         p.schedule.load_state_dict(meta["schedule"])
         vars(p.progress).update(meta["progress"])
         p.meter.load_state_dict(meta["meter"])
-        inside_epoch = 0 < p.progress.batch < self.layout["batches_per_epoch"]
+        if p.terms is not None and "terms" in meta:
+            p.terms.load_state_dict(meta["terms"])
+        inside_epoch = 0 < p.progress.batch and not self.epoch_done(p.progress)
         return hidden if inside_epoch else None
 
     def check_compatible(self, meta: dict) -> None:
@@ -158,6 +195,23 @@ class Checkpointer:
                              f"{saved['bptt']}; this run has {now['global_columns']} x "
                              f"{now['bptt']} (keep the global batch: --global-batch-size "
                              f"{saved['global_columns']})")
+        # A position by batch or by token: no resuming across. NT-ASGD may be switched
+        # on at a resume (its history starts there), not off (its average would be lost).
+        then = bool(meta["config"]["run"].get("variable_bptt", False))
+        if then != self.cfg.run.variable_bptt:
+            raise UsageError(f"{where} was trained {'with' if then else 'without'} "
+                             f"--variable-bptt; resume it with "
+                             f"{'--variable-bptt' if then else '--no-variable-bptt'}")
+        if "average" in meta and not self.cfg.optim.ntasgd:
+            raise UsageError(f"{where} holds an NT-ASGD state; resume it with --ntasgd")
+
+
+def format_of(meta: dict) -> int:
+    """FORMAT_VERSION when the checkpoint holds state an earlier version would drop (it
+    refuses format 3 rather than resume without it), else BASE_FORMAT."""
+    extra = "position" in meta["progress"] or "interval" in meta["schedule"] or \
+        "terms" in meta or "average" in meta
+    return FORMAT_VERSION if extra else BASE_FORMAT
 
 
 def hidden_for_rank(full: List[np.ndarray], world, ctx: mx.Context) -> List[mx.nd.NDArray]:
@@ -250,7 +304,7 @@ def write_checkpoint(directory: str, step: int, model, optimizer: Dict[str, mx.n
         mx.nd.save(os.path.join(tmp, "optimizer.nd"), optimizer or {"": mx.nd.zeros((1,))})
         mx.nd.save(os.path.join(tmp, "hidden.nd"),
                    {str(i): mx.nd.array(h) for i, h in enumerate(hidden)})
-        meta = dict(meta, format_version=FORMAT_VERSION, step=step,
+        meta = dict(meta, format_version=meta.get("format_version", BASE_FORMAT), step=step,
                     files={f: sha256(os.path.join(tmp, f)) for f in FILES})
         with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as fh:
             json.dump(meta, fh, indent=1, sort_keys=True)
@@ -293,14 +347,15 @@ def verify(path: str) -> Checkpoint:
     except (OSError, ValueError) as err:
         raise UsageError(f"checkpoint {path}: unreadable meta.json ({err})") from None
     version = meta.get("format_version") if isinstance(meta, dict) else None
-    if isinstance(version, int) and version != FORMAT_VERSION:
+    if isinstance(version, int) and version not in READABLE:
         raise OtherFormat(f"checkpoint {path} has format {version}, written by another "
-                          f"version of dist-lm (this one reads format {FORMAT_VERSION}); "
-                          f"resume it with that version, or start in another --run-dir")
-    if version != FORMAT_VERSION:
+                          f"version of dist-lm (this one reads formats {BASE_FORMAT} and "
+                          f"{FORMAT_VERSION}); resume it with that version, or start in "
+                          f"another --run-dir")
+    if version not in READABLE:
         raise UsageError(f"checkpoint {path}: unknown format (version "
                          f"{meta.get('format_version') if isinstance(meta, dict) else '?'}, "
-                         f"expected {FORMAT_VERSION})")
+                         f"expected {BASE_FORMAT} or {FORMAT_VERSION})")
     for name in FILES:
         file_path = os.path.join(path, name)
         if not os.path.isfile(file_path):

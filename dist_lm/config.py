@@ -1,8 +1,9 @@
 """The one typed configuration of a training run, its presets, and its command line.
 
-Precedence, lowest to highest: field defaults < the model preset named by --model <
-a JSON file given with --config (for example a run's own config.json) < explicit flags.
-Every field's `help` is its documentation and its `--help` text.
+Precedence, lowest to highest: field defaults < the training recipe (--recipe; by
+default the one of the model's family, presets.RECIPES) < the model preset named by
+--model < a JSON file given with --config (for example a run's own config.json) <
+explicit flags. Every field's `help` is its documentation and its `--help` text.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
 from .errors import UsageError
-from .presets import PRESETS
+from .presets import PRESETS, RECIPES
 
 
 def opt(default: Any, help: str, choices: Optional[tuple] = None) -> Any:  # noqa: A002
@@ -77,6 +78,27 @@ class OptimConfig:
         choices=("none", "linear", "sqrt"))
     warmup_steps: int = opt(0, "raise the lr linearly from lr/steps to lr over this many "
                                "steps (helps when --lr-scaling raises it)")
+    sampled_softmax: Optional[int] = opt(
+        None, "train the decoder with a sampled softmax over this many log-uniform "
+        "candidates per step instead of all words (for large vocabularies; evaluation keeps "
+        "the full softmax). Needs a vocabulary sorted by frequency, as built here")
+    alpha: float = opt(0.0, "activation regularization (AR): add alpha x mean square of the "
+                            "last LSTM layer's output after its dropout to the training "
+                            "objective (AWD recipe: 2)")
+    beta: float = opt(0.0, "temporal activation regularization (TAR): add beta x mean square "
+                           "of the step-to-step change of the last layer's output before "
+                           "its dropout (AWD recipe: 1)")
+    lr_update_interval: Optional[int] = opt(
+        None, "instead of --lr-decay at every validation without improvement, multiply "
+        "the lr by --lr-update-factor after this many in a row (AWD recipe: 30)")
+    lr_update_factor: float = opt(0.1, "see --lr-update-interval")
+    adam_beta1: float = opt(0.9, "Adam's beta1 (AWD recipe: 0)")
+    adam_epsilon: float = opt(1e-8, "Adam's epsilon (AWD recipe: 1e-9)")
+    ntasgd: bool = opt(False, "NT-ASGD: once validation has not improved on the best of "
+                              "all checks but the last --ntasgd-nonmono, average the SGD "
+                              "iterates and validate, test and save the average")
+    ntasgd_nonmono: int = opt(5, "the non-monotone interval n of --ntasgd, in epoch-end "
+                                 "validations")
 
 
 @dataclass
@@ -92,6 +114,14 @@ class RunConfig:
         None, "test columns over all ranks (default: --eval-batch-size). GluonNLP's "
         "published perplexities validate on 10 columns and test on 1")
     bptt: int = opt(35, "time steps per batch")
+    variable_bptt: bool = opt(
+        False, "variable-length BPTT: each step's length is drawn around --bptt (or half "
+        "of it with probability 0.05), with sd 5 and at least 5, and its lr scaled by "
+        "length / --bptt (AWD recipe)")
+    recipe: str = opt(
+        "auto", "the training recipe whose values fill the options not given: 'standard' "
+        "(the reference notebook's), 'awd' (GluonNLP's AWD-LSTM script, docs/awd.md) or "
+        "'auto' (the model family's)", choices=("auto", "standard", "awd"))
     epochs: int = opt(3, "passes over the training split")
     max_steps: Optional[int] = opt(None, "stop after this many optimizer steps in all")
     log_interval: int = opt(200, "steps between log lines")
@@ -109,6 +139,10 @@ class DistConfig:
         "default 128)")
     cycle_time_ms: Optional[float] = opt(
         None, "Horovod background cycle in ms (HOROVOD_CYCLE_TIME; Horovod's default 1)")
+    exchange: str = opt(
+        "dense", "how the embedding/decoder gradients travel with --sampled-softmax: "
+        "'dense' (allreduce all V rows) or 'rows' (only the rows the step touched; same "
+        "result, far fewer bytes at large vocabularies)", choices=("dense", "rows"))
     check_sync_interval: int = opt(
         0, "every N steps, check that all ranks hold bit-identical parameters (0: never)")
 
@@ -195,7 +229,8 @@ class Config:
         for name, value in [("--eval-batch-size", r.eval_batch_size),
                             ("--test-batch-size", r.test_batch_size),
                             ("--global-batch-size", r.global_batch_size),
-                            ("--max-steps", r.max_steps), ("--max-vocab", d.max_vocab)]:
+                            ("--max-steps", r.max_steps), ("--max-vocab", d.max_vocab),
+                            ("--sampled-softmax", o.sampled_softmax)]:
             if value is not None and value <= 0:
                 raise UsageError(f"{name} must be a positive integer, got {value}")
         for name, value in [("--dropout", m.dropout), ("--weight-drop", m.weight_drop),
@@ -206,12 +241,17 @@ class Config:
         for name, value in [("--lr", o.lr), ("--lr-decay", o.lr_decay)]:
             if not (math.isfinite(value) and value > 0):
                 raise UsageError(f"{name} must be a positive number, got {value}")
-        for name, value in [("--clip", o.clip), ("--momentum", o.momentum), ("--wd", o.wd)]:
+        for name, value in [("--clip", o.clip), ("--momentum", o.momentum), ("--wd", o.wd),
+                            ("--alpha", o.alpha), ("--beta", o.beta)]:
             if not (math.isfinite(value) and value >= 0):
                 raise UsageError(f"{name} must be a non-negative number, got {value}")
+        self._validate_awd()
         if m.tie_weights and m.embed_size != m.hidden_size and m.family == "standard":
             raise UsageError("--tie-weights needs --embed-size equal to --hidden-size "
                              f"(got {m.embed_size} and {m.hidden_size})")
+        if self.dist.exchange == "rows" and o.sampled_softmax is None:
+            raise UsageError("--exchange rows needs --sampled-softmax (with the full "
+                             "softmax every decoder row has a gradient)")
         if m.model not in PRESETS and m.model != "custom":
             raise UsageError(f"unknown model '{m.model}'; choose from "
                              f"{', '.join(sorted(PRESETS))} or 'custom'")
@@ -220,6 +260,26 @@ class Config:
         if self.run.test_batch_size is None:
             self.run.test_batch_size = self.run.eval_batch_size
         return self
+
+    def _validate_awd(self) -> None:
+        """The AWD recipe's options (docs/awd.md)."""
+        o = self.optim
+        for name, value in [("--lr-update-interval", o.lr_update_interval),
+                            ("--ntasgd-nonmono", o.ntasgd_nonmono)]:
+            if value is not None and value <= 0:
+                raise UsageError(f"{name} must be a positive integer, got {value}")
+        for name, value in [("--lr-update-factor", o.lr_update_factor),
+                            ("--adam-epsilon", o.adam_epsilon)]:
+            if not (math.isfinite(value) and value > 0):
+                raise UsageError(f"{name} must be a positive number, got {value}")
+        if not 0.0 <= o.adam_beta1 < 1.0:
+            raise UsageError(f"--adam-beta1 must be in [0, 1), got {o.adam_beta1}")
+        if o.ntasgd and o.optimizer != "sgd":
+            raise UsageError(f"--ntasgd averages SGD iterates; it needs --optimizer sgd, "
+                             f"not {o.optimizer}")
+        if (o.alpha or o.beta) and o.sampled_softmax is not None:
+            raise UsageError("--alpha/--beta regularize the full-softmax objective; set "
+                             "them to 0 with --sampled-softmax")
 
     def for_world(self, ranks: int) -> "Config":
         """Resolves the options that depend on the number of ranks: a --global-batch-size
@@ -285,12 +345,30 @@ def config_from_args(args: argparse.Namespace) -> Config:
         except (OSError, ValueError) as err:
             raise UsageError(f"cannot read --config {args.config}: {err}") from None
         Config.from_dict(file_cfg, source=args.config)  # refuse unknown keys early
-    model_name = explicit.get("model.model") or file_cfg.get("model", {}).get("model") \
-        or ModelConfig().model
-    merged: dict = {"model": dict(PRESETS.get(model_name, {}), model=model_name)}
+    given = dict(explicit, **{f"{group}.{name}": value for group, values in file_cfg.items()
+                              if isinstance(values, dict) for name, value in values.items()
+                              if f"{group}.{name}" not in explicit})
+    model_name = given.get("model.model") or ModelConfig().model
+    recipe = recipe_of(given.get("run.recipe", "auto"), given.get("model.family") or
+                       PRESETS.get(model_name, {}).get("family", ModelConfig().family))
+    merged: dict = {group: dict(values) for group, values in recipe.items()}
+    merged["model"] = dict(PRESETS.get(model_name, {}), model=model_name)
+    if "run.batch_size" in given and "run.global_batch_size" not in given:
+        # A per-rank --batch-size of the user's replaces the recipe's global batch.
+        merged.get("run", {}).pop("global_batch_size", None)
     for group, values in file_cfg.items():
         merged.setdefault(group, {}).update(values)
     for key, value in explicit.items():
         group, name = key.split(".")
         merged.setdefault(group, {})[name] = value
     return Config.from_dict(merged).validate()
+
+
+def recipe_of(name: str, family: str) -> dict:
+    """The recipe's Config values by section; 'auto' is the family's recipe."""
+    if name == "auto":
+        name = family if family in RECIPES else "standard"
+    if name not in RECIPES:
+        raise UsageError(f"unknown recipe '{name}'; choose from auto, "
+                         f"{', '.join(sorted(RECIPES))}")
+    return RECIPES[name]

@@ -16,6 +16,13 @@ The gradient step, the part whose semantics the project owns:
        min(1, clip / ||g||) on the device (no host sync);
     4. `update(1)` applies the optimizer with DistributedTrainer's own rescaling.
 So N ranks with b columns take the same step as one process with N*b columns.
+
+With a sampled softmax a step's gradient of the (V, E) embedding/decoder matrices is zero
+outside the rows the step touched (its input words, its targets, the shared candidates).
+`row_params` (--exchange rows) sends only those rows: the ranks allgather their touched
+row ids, and allreduce the rows of the union, then write them back in place. Rows outside
+the union are zero on every rank, so the result is the dense allreduce's, for about
+|union| x E instead of V x E floats (docs/performance.md).
 `clip_mode='local'` instead clips each rank's own gradient before the allreduce, as the
 reference notebook does on one GPU.
 """
@@ -27,6 +34,7 @@ import os
 from typing import Any, Callable, List, Optional
 
 import mxnet as mx
+import numpy as np
 from mxnet import gluon
 
 from .launcher_env import launched_by_horovod_or_mpi
@@ -121,7 +129,9 @@ class World:
 
     # Overridden by HorovodWorld; the local versions are identities.
     def make_trainer(self, params, optimizer: str, optimizer_params: dict,
-                     fp16_allreduce: bool = False) -> gluon.Trainer:
+                     fp16_allreduce: bool = False, row_params=()) -> gluon.Trainer:
+        """row_params: names of parameters whose gradients are exchanged as touched
+        rows (see the module docstring); one process has nothing to exchange."""
         return gluon.Trainer(params, make_optimizer(optimizer, optimizer_params),
                              kvstore=None)
 
@@ -164,7 +174,8 @@ class World:
                                              enumerate(digests)))
 
     def gradient_step(self, trainer: gluon.Trainer, grads: List[mx.nd.NDArray],
-                      clip: float, clip_mode: str, skip_nonfinite: bool = False):
+                      clip: float, clip_mode: str, skip_nonfinite: bool = False,
+                      rows: Optional[np.ndarray] = None):
         """Allreduce -> clip the mean gradient -> update (see the module docstring).
 
         Returns the global norm of the mean gradient before clipping (for
@@ -172,8 +183,10 @@ class World:
         on the device. With skip_nonfinite, a step whose gradient is not finite is not
         applied at all (parameters, optimizer state and counters stay as they were) on
         any rank; deciding that reads one value on the host, so it costs a device sync
-        per step.
+        per step. rows: the row ids (n,) this rank's step touched, for a trainer made
+        with row_params.
         """
+        trainer.touched_rows = rows
         if clip_mode == "local":
             norm = global_norm(grads)
             finite = mx.nd.contrib.isfinite(norm)
@@ -224,11 +237,14 @@ class HorovodWorld(World):
         self.controller = "gloo" if hvd.gloo_enabled() else "mpi"
 
     def make_trainer(self, params, optimizer: str, optimizer_params: dict,
-                     fp16_allreduce: bool = False) -> gluon.Trainer:
+                     fp16_allreduce: bool = False, row_params=()) -> gluon.Trainer:
         compression = self.hvd.Compression.fp16 if fp16_allreduce else \
             self.hvd.Compression.none
-        return self.hvd.DistributedTrainer(
-            params, make_optimizer(optimizer, optimizer_params), compression=compression)
+        optimizer = make_optimizer(optimizer, optimizer_params)
+        if not row_params:
+            return self.hvd.DistributedTrainer(params, optimizer, compression=compression)
+        return _row_exchange_trainer(self.hvd)(params, optimizer, compression=compression,
+                                               row_params=row_params)
 
     def _average_factor(self, trainer) -> float:
         # DistributedTrainer sets _average_in_framework when the allreduce sums and
@@ -254,6 +270,52 @@ class HorovodWorld(World):
 
     def shutdown(self) -> None:
         self.hvd.shutdown()
+
+
+def _row_exchange_trainer(hvd):
+    """Horovod's DistributedTrainer, exchanging the gradients of `row_params` as touched
+    rows (module docstring). The other parameters take Horovod's own path unchanged."""
+
+    class RowExchangeTrainer(hvd.DistributedTrainer):
+        def __init__(self, params, optimizer, compression, row_params):
+            super().__init__(params, optimizer, compression=compression)
+            self._row_names = set(row_params)
+            self.touched_rows: Optional[np.ndarray] = None  # set before every step
+            self.union_rows = 0
+
+        def _allreduce_grads(self):
+            if hvd.size() == 1:
+                return
+            rows = [(i, p) for i, p in enumerate(self._params) if p.name in self._row_names
+                    and p.grad_req != "null"]
+            if rows:
+                if self.touched_rows is None:
+                    raise RuntimeError("--exchange rows: the step did not say which rows "
+                                       "it touched")
+                mine = mx.nd.array(self.touched_rows, dtype="int32")
+                union = np.unique(hvd.allgather(mine, name="rows.ids").asnumpy())
+                self.union_rows = len(union)  # for the benchmark's bytes per step
+                for i, param in rows:
+                    self._exchange_rows(i, param.list_grad()[0], union)
+            # Horovod's own path for the rest. Its tensor names are positions in the list
+            # it walks: the same shortened list on every rank.
+            everything = self._params
+            self._params = [p for p in everything if p.name not in self._row_names]
+            try:
+                super()._allreduce_grads()
+            finally:
+                self._params = everything
+
+        def _exchange_rows(self, i: int, grad: mx.nd.NDArray, union: np.ndarray) -> None:
+            # grad (V, ...) is zero outside `union` on every rank; reduce only those rows.
+            index = mx.nd.array(union, ctx=grad.context, dtype="int64")         # (n,)
+            compact, ctx = self._compression.compress(mx.nd.take(grad, index))  # (n, ...)
+            hvd.allreduce_(compact, average=not self._average_in_framework,
+                           name=f"rows.{i}", prescale_factor=1.0,
+                           postscale_factor=self._postscale_factor)
+            grad[index] = self._compression.decompress(compact, ctx)
+
+    return RowExchangeTrainer
 
 
 def make_world(backend: str = "auto", fusion_threshold_mb: Optional[float] = None,

@@ -157,6 +157,19 @@ class LSTMLM(HybridBlock):
         return self.encoder.begin_state(batch_size, func=mx.nd.zeros, ctx=ctx)
 
     def hybrid_forward(self, F, inputs, states):
+        x, states = self.features(F, inputs, states)
+        return self.decoder(x), states
+
+    def features(self, F, inputs, states):
+        """What the decoder reads: inputs (T, B) -> (T, B, H_last), and the new states.
+        Loss blocks that score only some classes (SampledTokenLoss) call this directly."""
+        x, out_states = self.encode(F, inputs, states)
+        return self.drop_output(F, x), out_states
+
+    def encode(self, F, inputs, states):
+        """The last LSTM layer's output before the output dropout: inputs (T, B) ->
+        (T, B, H_last), and the new states. Temporal activation regularization reads it
+        (regularize.py); `drop_output` of it is what the decoder reads."""
         # inputs (T, B) -> embedded (T, B, E)
         x = self.embedding(inputs)
         if self._family == "awd":
@@ -168,10 +181,13 @@ class LSTMLM(HybridBlock):
                     x = F.Dropout(x, p=self._drop_h, axes=(0,))
         else:
             x, out_states = self.encoder(x, states)
-        # x (T, B, H_last); one dropout mask per column, shared over time.
+        return x, out_states
+
+    def drop_output(self, F, x):
+        """The output dropout of x (T, B, H_last): one mask per column, shared over time."""
         if self._dropout:
             x = F.Dropout(x, p=self._dropout, axes=(0,))
-        return self.decoder(x), out_states
+        return x
 
 
 def build_model(cfg: ModelConfig, vocab_size: int) -> LSTMLM:
@@ -196,3 +212,53 @@ class TokenLoss(HybridBlock):
         loss = self._ce(logits.reshape((-3, -1)),           # (T*B, V)
                         targets.reshape((-1,)))             # (T*B,) -> per token (T*B,)
         return loss.mean(), states                          # (1,)
+
+
+class SampledTokenLoss(HybridBlock):
+    """Mean sampled-softmax cross-entropy over a (T, B) batch (`--sampled-softmax K`).
+
+    Each token is scored against its true class and the step's K candidates (see
+    sampling.py) instead of all V classes: logits (T, B, 1 + K) rather than (T, B, V), so
+    the decoder costs K/V of the full softmax in time and memory. As GluonNLP's
+    `_SampledDenseHelper` (its big LM) does: every logit has log(expected count) of its
+    class subtracted, and a candidate equal to the token's true class (an accidental
+    hit) gets -1e37 so it drops out of the normalisation. The decoder's weight and bias
+    are the model's own parameters (tied or not); only their rows for the true classes
+    and the candidates receive gradient. Evaluation keeps the full softmax (TokenLoss),
+    so perplexities stay comparable.
+    """
+
+    def __init__(self, model: LSTMLM, num_sampled: int, **kwargs):
+        super().__init__(**kwargs)
+        self._k = num_sampled
+        with self.name_scope():
+            self.model = model
+        dense = model.decoder[0]
+        # Registered here so the hybridized graph receives them as inputs; the model
+        # still owns them (collect_params lists them once, under their own names).
+        self.weight, self.bias = dense.weight, dense.bias
+
+    def hybrid_forward(self, F, inputs, targets, states, candidates, log_q_true,
+                       log_q_candidates, weight, bias):
+        # inputs, targets (T, B); candidates, log_q_candidates (K,); log_q_true (T, B);
+        # weight (V, H_last), bias (V,)
+        x, states = self.model.features(F, inputs, states)                 # (T, B, H)
+        # One gather for the targets' rows and the candidates' rows: the backward of each
+        # gather writes a dense (V, H) gradient before it is summed into the parameter's,
+        # so one gather instead of two saves a V x H buffer and a pass over it.
+        ids = F.concat(targets.reshape((-1,)), candidates, dim=0)          # (T*B + K,)
+        rows, row_bias = F.take(weight, ids), F.take(bias, ids)    # (T*B + K, H), (T*B + K,)
+        n = -self._k  # the candidates are the last K
+        true = (x * rows.slice_axis(axis=0, begin=0, end=n).reshape_like(x)).sum(axis=2) + \
+            row_bias.slice_axis(axis=0, begin=0, end=n).reshape_like(targets)  # (T, B)
+        sampled = F.FullyConnected(x, rows.slice_axis(axis=0, begin=n, end=None),
+                                   row_bias.slice_axis(axis=0, begin=n, end=None),
+                                   num_hidden=self._k, flatten=False)      # (T, B, K)
+        hits = F.broadcast_equal(targets.expand_dims(axis=2),
+                                 candidates.reshape((1, 1, -1)))           # (T, B, K)
+        sampled = F.broadcast_sub(sampled + hits * -1e37,
+                                  log_q_candidates.reshape((1, 1, -1)))
+        logits = F.concat((true - log_q_true).expand_dims(axis=2), sampled, dim=2)
+        # The true class is column 0 of every row of (T, B, 1 + K).
+        loss = -F.log_softmax(logits, axis=2).slice_axis(axis=2, begin=0, end=1)
+        return loss.mean(), states

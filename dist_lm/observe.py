@@ -40,6 +40,10 @@ class TrainStats:
     ranks: int
     nonfinite_steps: int   # steps skipped for a NaN/Inf so far (--nonfinite skip)
     rss_mb: float          # resident memory, the largest over ranks
+    # With --alpha/--beta: the interval's mean AR and TAR terms. `loss` stays the plain
+    # cross-entropy (what perplexity means); the objective trained on is loss + ar + tar.
+    ar: Optional[float] = None
+    tar: Optional[float] = None
 
 
 def ppl(loss: float) -> float:
@@ -54,6 +58,10 @@ class Reporter:
         self.run_dir, self.config = run_dir, config
         self.writer = self.token_writer = self.jsonl = self.bar = None
         self.best: Dict[str, float] = {}
+        # With --sampled-softmax the training loss is the sampled objective, lower than
+        # the cross-entropy over all words: it is named so, and no perplexity is derived
+        # from it (validation and test use the full softmax).
+        self.sampled = bool(config and config.get("optim", {}).get("sampled_softmax"))
         if run_dir is not None:
             from tensorboardX import SummaryWriter
             # Records after the checkpoint a run resumes from are replayed: drop them from
@@ -106,11 +114,21 @@ class Reporter:
             self.bar.update(steps)
 
     def train(self, s: TrainStats) -> None:
-        self.line(f"[Epoch {s.epoch} Batch {s.batch}/{s.num_batches}] loss {s.loss:.2f}, "
-                  f"ppl {ppl(s.loss):.2f}, throughput {s.samples_per_s:.2f} samples/s")
+        if self.sampled:
+            objective = f"sampled-softmax loss {s.loss:.2f}"
+            values = {"train/sampled_loss": s.loss}
+        else:
+            objective = f"loss {s.loss:.2f}, ppl {ppl(s.loss):.2f}"
+            values = {"train/loss": s.loss, "train/ppl": ppl(s.loss)}
+        if s.ar is not None:
+            objective += (f", objective {s.loss + s.ar + s.tar:.2f} (AR {s.ar:.3f}, "
+                          f"TAR {s.tar:.3f})")
+            values.update({"train/objective": s.loss + s.ar + s.tar, "train/ar": s.ar,
+                           "train/tar": s.tar})
+        self.line(f"[Epoch {s.epoch} Batch {s.batch}/{s.num_batches}] {objective}, "
+                  f"throughput {s.samples_per_s:.2f} samples/s")
         self.record("train", s.step, s.tokens, {
-            "epoch": s.epoch, "batch": s.batch,
-            "train/loss": s.loss, "train/ppl": ppl(s.loss), "train/lr": s.lr,
+            "epoch": s.epoch, "batch": s.batch, **values, "train/lr": s.lr,
             "train/grad_norm": s.grad_norm, "train/clipped_fraction": s.clipped,
             "throughput/tokens_per_s": s.tokens_per_s,
             "throughput/samples_per_s": s.samples_per_s,
@@ -156,6 +174,13 @@ class Reporter:
 
     def lr_change(self, lr: float) -> None:
         self.line(f"Learning rate now {lr:f}")
+
+    def averaging(self, epoch: int, step: int, tokens: int, nonmono: int) -> None:
+        """NT-ASGD switched to averaging after this epoch's validation."""
+        self.line(f"[Epoch {epoch}] switching to NT-ASGD at step {step}: validation did not "
+                  f"improve on the best before the last {nonmono} checks; validating and "
+                  f"saving the average of the parameters from here")
+        self.record("ntasgd", step, tokens, {"epoch": epoch, "ntasgd/trigger_step": step})
 
     def done(self, step: int, tokens: int, seconds: float, samples_per_s: float) -> None:
         self.line(f"Total training throughput {samples_per_s:.2f} samples/s")

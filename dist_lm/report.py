@@ -51,8 +51,11 @@ def plot(runs: Dict[str, List[Dict]], out: str) -> None:
         label = os.path.basename(os.path.normpath(name))
         train = [r for r in rows if r["kind"] == "train"]
         val = [r for r in rows if "val/ppl" in r]
-        axes[0].plot([r["tokens"] for r in train], [r["train/loss"] for r in train],
-                     label=label)
+        # A sampled-softmax run logs its own objective (train/sampled_loss), not
+        # comparable with the full cross-entropy: labelled apart.
+        key = "train/loss" if any("train/loss" in r for r in train) else "train/sampled_loss"
+        axes[0].plot([r["tokens"] for r in train], [r.get(key, math.nan) for r in train],
+                     label=label if key == "train/loss" else label + " (sampled)")
         axes[1].plot([r["tokens"] for r in val], [r["val/ppl"] for r in val], "o-",
                      label=label)
         axes[2].plot([r["step"] for r in train],

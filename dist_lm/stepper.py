@@ -12,7 +12,10 @@ from mxnet import autograd
 
 from .config import Config
 from .dist import World
-from .model import TokenLoss
+from .errors import UsageError
+from .model import SampledTokenLoss, TokenLoss
+from .regularize import regularized_loss
+from .sampling import LogUniformSampler
 
 
 def to_nd(array: np.ndarray, ctx: mx.Context) -> mx.nd.NDArray:
@@ -26,12 +29,36 @@ def hybrid_loss(model) -> TokenLoss:
     return block
 
 
+def sampler_for(cfg: Config, vocab_size: int) -> Optional[LogUniformSampler]:
+    """The candidate sampler of --sampled-softmax K, or None for the full softmax."""
+    k = cfg.optim.sampled_softmax
+    if k is None:
+        return None
+    if k >= vocab_size:
+        raise UsageError(f"--sampled-softmax {k} must be smaller than the vocabulary "
+                         f"({vocab_size} words); use the full softmax instead")
+    return LogUniformSampler(vocab_size, k, cfg.run.seed)
+
+
 class Stepper:
     """Forward, backward, allreduce, clip, update: its own hybridized graph (training
     shapes) over the model's parameters."""
 
     def __init__(self, model, cfg: Config, world: World, ctx: mx.Context):
-        self.loss_block = hybrid_loss(model)
+        decoder = model.decoder[0]
+        self.sampler = sampler_for(cfg, decoder.weight.shape[0])
+        # With AR/TAR the block also returns the objective and the terms [AR, TAR] (2,):
+        # backward runs on the objective, the meter takes the cross-entropy, and `terms`
+        # holds the last step's terms for the log (regularize.py).
+        self.regularized = bool(cfg.optim.alpha or cfg.optim.beta)
+        self.terms: Optional[mx.nd.NDArray] = None
+        if self.regularized:
+            self.loss_block = regularized_loss(model, cfg.optim.alpha, cfg.optim.beta)
+        elif self.sampler is None:
+            self.loss_block = hybrid_loss(model)
+        else:
+            self.loss_block = SampledTokenLoss(model, self.sampler.num_sampled)
+            self.loss_block.hybridize(static_alloc=True, static_shape=True)
         self.world, self.ctx = world, ctx
         self.clip, self.clip_mode = cfg.optim.clip, cfg.optim.clip_mode
         self.skip_nonfinite = cfg.reliability.nonfinite == "skip"
@@ -39,26 +66,55 @@ class Stepper:
         optim_params = {"learning_rate": cfg.scaled_lr(world.size), "wd": cfg.optim.wd}
         if cfg.optim.optimizer == "sgd":
             optim_params["momentum"] = cfg.optim.momentum
+        else:
+            optim_params.update(beta1=cfg.optim.adam_beta1, epsilon=cfg.optim.adam_epsilon)
+        # Every parameter with a row per word: the embedding, the decoder (tied: one).
+        row_params = {model.embedding[0].weight.name, decoder.weight.name,
+                      decoder.bias.name} if cfg.dist.exchange == "rows" else ()
         self.trainer = world.make_trainer(params, cfg.optim.optimizer, optim_params,
-                                          cfg.dist.fp16_allreduce)
+                                          cfg.dist.fp16_allreduce, row_params)
         self.grads = [p.grad(ctx) for p in params.values() if p.grad_req != "null"]
+        self._in_flight: Optional[mx.nd.NDArray] = None  # the previous step's loss
 
     def step(self, inputs: np.ndarray, targets: np.ndarray, states,
-             lr: Optional[float] = None):
-        """inputs, targets (bptt, b) -> mean loss (1,), mean-gradient norm (1,),
-        finite (1,) 1.0 or 0.0, states; lr: this step's learning rate (default: as it is).
-        Nothing here waits for the device (except under --nonfinite skip, see
-        World.gradient_step)."""
+             lr: Optional[float] = None, step: int = 0):
+        """inputs, targets (T, b) -> mean cross-entropy (1,), mean-gradient norm (1,),
+        finite (1,) 1.0 or 0.0, states; lr: this step's learning rate (default: as it is);
+        step: the optimizer step this is (the sampled softmax's candidates depend on it).
+        With AR/TAR the gradient is the objective's, and `self.terms` its [AR, TAR] (2,).
+        The host stays within two steps of the device: before returning, a step waits
+        for the previous step's forward pass (what is still queued keeps the device
+        busy), so a stop, a checkpoint or the watchdog sees the device where the host is.
+        Unbounded, MXNet's engine queue grows for a whole log interval (200 steps) when
+        the device is the slower side, and a SIGTERM's checkpoint waits for all of them.
+        Otherwise nothing waits for the device (except under --nonfinite skip, see
+        World.gradient_step, and --exchange rows, which reads the ranks' row ids)."""
         if lr is not None:
             self.trainer.set_learning_rate(lr)
         states = [s.detach() for s in states]
+        args = [to_nd(inputs, self.ctx), to_nd(targets, self.ctx), states]
+        rows = None
+        if self.sampler is not None:
+            drawn = self.sampler.draw(step)
+            # candidates (K,), log expected counts of the targets (bptt, b) and of the
+            # candidates (K,); ids stay exact in float32 (V < 2^24).
+            args += [to_nd(drawn.ids, self.ctx),
+                     to_nd(self.sampler.log_expected(targets, drawn.num_tries), self.ctx),
+                     to_nd(drawn.log_expected, self.ctx)]
+            rows = np.unique(np.concatenate([inputs.ravel(), targets.ravel(), drawn.ids]))
         with autograd.record():
-            loss, states = self.loss_block(to_nd(inputs, self.ctx), to_nd(targets, self.ctx),
-                                           states)
-        loss.backward()
+            if self.regularized:  # loss: the cross-entropy alone
+                objective, loss, self.terms, states = self.loss_block(*args)
+            else:
+                loss, states = self.loss_block(*args)
+                objective = loss
+        objective.backward()
         norm, finite = self.world.gradient_step(self.trainer, self.grads, self.clip,
-                                                self.clip_mode, self.skip_nonfinite)
-        return loss, norm, finite * mx.nd.contrib.isfinite(loss), states
+                                                self.clip_mode, self.skip_nonfinite, rows)
+        if self._in_flight is not None:
+            self._in_flight.wait_to_read()
+        self._in_flight = loss
+        return loss, norm, finite * mx.nd.contrib.isfinite(objective), states
 
 
 def seed_everything(seed: int) -> None:

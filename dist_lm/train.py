@@ -1,4 +1,4 @@
-"""Training: the reference notebook's recipe, on any number of ranks.
+"""Training: the reference notebook's recipe, or the AWD-LSTM one, on any number of ranks.
 
 `train` builds the run once: the config for this many ranks, this rank's columns of the
 data, the model and its trainer, the checkpoint parts (restored on --resume), and the
@@ -6,6 +6,10 @@ objects that do rank-0 work (reporter, run directory; quiet versions on other ra
 `fit` is the loop, top to bottom: epochs of BPTT steps, a log line every --log-interval
 steps, checkpoints when agreed, and at each epoch end validation, the plateau decision,
 the test pass at a new best and a checkpoint. Nothing in it asks which rank it is on.
+The AWD recipe's parts are objects chosen at start-up, which do nothing in the standard
+recipe: the epoch's windows (fixed or variable-length BPTT, bptt.py), the AR/TAR sums of
+the log (regularize.py) and the NT-ASGD average (ntasgd.py), which evaluation and the
+saved parameters use once it has switched on.
 
 Where a run stops, and what a resumed run does:
 - epoch end: checkpoint after validation; resume starts the next epoch;
@@ -22,6 +26,7 @@ Where a run stops, and what a resumed run does:
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -29,6 +34,7 @@ from typing import Optional
 
 import mxnet as mx
 
+from .bptt import make_windows
 from .checkpoint import Checkpointer, Parts, Progress, hidden_for_rank
 from .config import Config
 from .corpus import Corpus, eval_columns, load_corpus
@@ -38,7 +44,9 @@ from .evaluate import Evaluator
 from .lifecycle import STOP, Agreement, StopAgreed, Watchdog
 from .meter import IntervalMeter
 from .model import build_model
+from .ntasgd import make_averager
 from .observe import TrainStats, make_reporter
+from .regularize import make_terms
 from .rundir import make_run_dir
 from .schedule import LRSchedule
 from .stepper import Stepper, reseed, seed_everything
@@ -57,6 +65,9 @@ class Run:
     schedule: LRSchedule
     progress: Progress
     meter: IntervalMeter
+    windows: object       # bptt.FixedWindows or VariableWindows
+    terms: object         # regularize.TermSums or NoTerms
+    average: object       # ntasgd.Averager or NoAverage
     checkpointer: Checkpointer
     agreement: Agreement
     valid: Evaluator
@@ -67,8 +78,7 @@ class Run:
 
     def tokens(self) -> int:
         """Training tokens seen over all ranks."""
-        return self.progress.step * self.world.size * self.cfg.run.batch_size * \
-            self.cfg.run.bptt
+        return self.windows.rows(self.progress) * self.world.size * self.cfg.run.batch_size
 
     def heartbeat(self) -> None:
         """After every evaluation batch: progress for the watchdog, stop agreement."""
@@ -88,13 +98,17 @@ def train(cfg: Config, world: World) -> dict:
     model = build_model(cfg.model, len(corpus.vocab))
     model.initialize(mx.init.Xavier(), ctx=ctx)
     stepper = Stepper(model, cfg, world, ctx)
+    o, progress = cfg.optim, Progress()
+    windows = make_windows(corpus.train, cfg.run.variable_bptt, cfg.run.bptt, cfg.run.seed,
+                           progress)
     parts = Parts(model, stepper.trainer,
-                  LRSchedule(cfg.scaled_lr(world.size), cfg.optim.warmup_steps,
-                             cfg.optim.lr_decay),
-                  Progress(), IntervalMeter(world, ctx, cfg.optim.clip,
-                                            cfg.reliability.nonfinite))
+                  LRSchedule(cfg.scaled_lr(world.size), o.warmup_steps, o.lr_decay,
+                             interval=o.lr_update_interval, factor=o.lr_update_factor),
+                  progress, IntervalMeter(world, ctx, o.clip, cfg.reliability.nonfinite),
+                  make_terms(o.alpha, o.beta, world, ctx),
+                  make_averager(o.ntasgd, model, o.ntasgd_nonmono))
     checkpointer = Checkpointer(parts, world, run_dir, cfg, vocab_json,
-                                corpus.train.num_batches)
+                                corpus.train.num_batches, windows.done)
     hidden = checkpointer.resume(ctx)
     world.broadcast_params(model.collect_params())
     run_dir.write_json("config.json", cfg.to_dict())
@@ -102,13 +116,13 @@ def train(cfg: Config, world: World) -> dict:
     columns = eval_columns(cfg)
     run_dir.write_json("run.json", {"ranks": world.size, "eval_columns": columns})
     run = Run(cfg, world, ctx, corpus, model, stepper, parts.schedule, parts.progress,
-              parts.meter, checkpointer,
+              parts.meter, windows, parts.terms, parts.average, checkpointer,
               Agreement(world, cfg.reliability.checkpoint_minutes,
                         cfg.reliability.checkpoint_steps),
               Evaluator(model, corpus.valid, columns["valid"], world, ctx),
               Evaluator(model, corpus.test, columns["test"], world, ctx), run_dir, None)
     run.reporter = make_reporter(world.is_root, cfg.run.run_dir, cfg.to_dict(),
-                                 corpus.train.num_batches, resume_step=parts.progress.step,
+                                 windows.num_batches, resume_step=parts.progress.step,
                                  resume_tokens=run.tokens())
     STOP.arm()
     try:
@@ -121,33 +135,32 @@ def train(cfg: Config, world: World) -> dict:
 
 def fit(run: Run, states) -> dict:
     """The epochs. `states`: this rank's recurrent state to continue an epoch with."""
-    cfg, p, shard = run.cfg, run.progress, run.corpus.train
-    max_steps = cfg.run.max_steps or cfg.run.epochs * shard.num_batches
+    cfg, p, windows = run.cfg, run.progress, run.windows
+    max_steps = cfg.run.max_steps or math.inf
     start, first_step = time.time(), p.step
     if cfg.run.eval_first and p.step == 0:
         run.reporter.baseline(p.step, run.tokens(), evaluate(
             run, run.valid, run.model.begin_state(cfg.run.batch_size, run.ctx)))
     # An epoch whose batches are all done is resumed for its validation.
-    while p.epoch < cfg.run.epochs and (p.step < max_steps or p.batch == shard.num_batches):
+    while p.epoch < cfg.run.epochs and (p.step < max_steps or windows.done(p)):
         run.reporter.epoch_start(p.epoch, p.batch)
         epoch_start, epoch_first_step = time.time(), p.step
         if states is None:
             states = run.model.begin_state(cfg.run.batch_size, run.ctx)
-        while p.batch < shard.num_batches and p.step < max_steps:
+        while not windows.done(p) and p.step < max_steps:
             states = train_step(run, states)
             stop, checkpoint = run.agreement.poll(p.step)
             if checkpoint:
                 save(run, states)
             if stop:
                 raise stopped(run, "")
-        if p.batch < shard.num_batches:
+        if not windows.done(p):
             pause(run, states)
             break
         end_epoch(run, time.time() - epoch_start, p.step - epoch_first_step)
         states = None
     seconds = time.time() - start
-    run_everywhere(run.world, lambda: run.run_dir.save_params("final.params", run.model),
-                   "final.params")
+    save_params(run, "final.params")
     samples = run.world.size * cfg.run.batch_size * (p.step - first_step)
     run.reporter.done(p.step, run.tokens(), seconds, samples / max(seconds, 1e-9))
     return {"steps": p.step, "best_val_loss": run.schedule.best_val,
@@ -156,15 +169,19 @@ def fit(run: Run, states) -> dict:
 
 
 def train_step(run: Run, states):
-    """One optimizer step on the next batch; a log line when the interval is full."""
+    """One optimizer step on the next window; a log line when the interval is full."""
     cfg, p, m = run.cfg, run.progress, run.cfg.model
     if any((m.dropout, m.weight_drop, m.drop_h, m.drop_i, m.drop_e)):
         reseed(cfg.run.seed, run.world.rank, p.step)
-    lr = run.schedule.lr(p.step)
-    loss, norm, finite, states = run.stepper.step(*run.corpus.train.batch(p.batch), states,
-                                                  lr)
+    window = run.windows.next(p)  # inputs, targets (n, b); n = bptt unless variable
+    lr = run.schedule.lr(p.step) * window.lr_scale
+    loss, norm, finite, states = run.stepper.step(window.inputs, window.targets, states,
+                                                  lr, p.step)
     run.meter.add(loss, norm, finite)
-    p.step, p.batch = p.step + 1, p.batch + 1
+    run.terms.add(run.stepper.terms, finite)
+    run.windows.advance(p, window)
+    p.step += 1
+    run.average.update(p.step)
     run.reporter.advance()
     run.watchdog.beat()
     if cfg.dist.check_sync_interval and p.step % cfg.dist.check_sync_interval == 0:
@@ -173,13 +190,15 @@ def train_step(run: Run, states):
         interval = run.meter.close()
         samples_per_s = run.world.size * cfg.run.batch_size * interval.timed_steps / \
             interval.seconds
+        rows_per_step = run.windows.rows(p) / p.step  # bptt, or the mean drawn length
         run.reporter.train(TrainStats(
-            epoch=p.epoch, batch=p.batch, num_batches=run.corpus.train.num_batches,
+            epoch=p.epoch, batch=p.batch, num_batches=run.windows.num_batches,
             step=p.step, tokens=run.tokens(), loss=interval.loss,
             grad_norm=interval.grad_norm, clipped=interval.clipped, lr=lr,
-            samples_per_s=samples_per_s, tokens_per_s=samples_per_s * cfg.run.bptt,
+            samples_per_s=samples_per_s, tokens_per_s=samples_per_s * rows_per_step,
             ranks=run.world.size, nonfinite_steps=run.meter.nonfinite_steps,
-            rss_mb=run.world.max_over_ranks(current_rss_mb(), name="rss")))
+            rss_mb=run.world.max_over_ranks(current_rss_mb(), name="rss"),
+            **run.terms.close()))
     return states
 
 
@@ -187,6 +206,7 @@ def end_epoch(run: Run, train_seconds: float, steps: int) -> None:
     """Validation, the plateau decision, the test pass at a new best, a checkpoint."""
     cfg, p = run.cfg, run.progress
     run.meter.close()  # the steps after the last log line are checked here
+    run.terms.close()
     if steps:
         run.reporter.epoch_end(p.epoch, p.step, run.tokens(), train_seconds,
                                run.world.size * cfg.run.batch_size * steps / train_seconds)
@@ -197,14 +217,16 @@ def end_epoch(run: Run, train_seconds: float, steps: int) -> None:
     val = evaluate(run, run.valid, fresh)
     test = evaluate(run, run.test, fresh) if val < run.schedule.best_val else None
     run.reporter.valid(p.epoch, p.step, run.tokens(), time.time() - started, val)
+    if run.average.observe(val, p.step):  # NT-ASGD: averaging from here
+        run.reporter.averaging(p.epoch, p.step, run.tokens(), cfg.optim.ntasgd_nonmono)
     if run.schedule.observe(val):
         p.best_step, p.test_loss = p.step, test
-        run_everywhere(run.world, lambda: run.run_dir.save_params("best.params", run.model),
-                       "best.params")
+        save_params(run, "best.params")
         run.reporter.test(p.step, run.tokens(), test)
     else:
         run.reporter.lr_change(run.schedule.current)
-    p.epoch, p.batch = p.epoch + 1, 0
+    p.epoch += 1
+    run.windows.start_epoch(p)
     save(run, fresh)
 
 
@@ -213,20 +235,28 @@ def pause(run: Run, states) -> None:
     perplexity here for information (the schedule is left alone)."""
     save(run, states)
     p = run.progress
-    run.reporter.paused(p.epoch, p.batch, run.corpus.train.num_batches, p.step, run.tokens(),
+    run.reporter.paused(p.epoch, p.batch, run.windows.num_batches, p.step, run.tokens(),
                         evaluate(run, run.valid, None))
 
 
 def evaluate(run: Run, evaluator: Evaluator, states) -> float:
-    """The evaluator's loss. A stop agreed during the pass abandons it within two batches:
-    `states` (this rank's recurrent state) are checkpointed at this point, unless states
-    is None (this point is checkpointed already), and the run stops."""
+    """The evaluator's loss (of the NT-ASGD average once it switched on). A stop agreed
+    during the pass abandons it within two batches: `states` (this rank's recurrent state)
+    are checkpointed at this point, with the trained parameters back in place, unless
+    states is None (this point is checkpointed already), and the run stops."""
     try:
-        return evaluator.loss(run.heartbeat)
+        with run.average.applied():
+            return evaluator.loss(run.heartbeat)
     except StopAgreed:
         if states is not None:
             save(run, states)
         raise stopped(run, " during evaluation") from None
+
+
+def save_params(run: Run, name: str) -> None:
+    """best.params or final.params: the NT-ASGD average once it switched on."""
+    with run.average.applied():
+        run_everywhere(run.world, lambda: run.run_dir.save_params(name, run.model), name)
 
 
 def save(run: Run, states) -> None:

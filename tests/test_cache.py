@@ -15,7 +15,24 @@ from dist_lm.errors import UsageError
 
 def canonical(vocab):
     """A vocabulary's JSON as every load gives it back (what runs and checkpoints see)."""
-    return D.vocab_from_json(vocab.to_json()).to_json()
+    import gluonnlp as nlp
+
+    return nlp.Vocab.from_json(vocab.to_json()).to_json()
+
+
+def test_the_fast_vocabulary_load_equals_gluonnlps_from_json():
+    import gluonnlp as nlp
+
+    text = canonical(D.build_vocab(D.read_tokens(str(WIKITEXT2 / "wiki.train.tokens"))))
+    fast, slow = D.vocab_from_json(text), nlp.Vocab.from_json(text)
+    assert fast.to_json() == slow.to_json() == text
+    words = ["the", "<unk>", "<eos>", "no-such-word", "Valkyria"]
+    assert fast[words] == slow[words] and fast.idx_to_token == slow.idx_to_token
+    assert (fast.unknown_token, fast.eos_token, fast.padding_token, fast.reserved_tokens) == \
+        (slow.unknown_token, slow.eos_token, slow.padding_token, slow.reserved_tokens)
+    swapped = text.replace('"the": ', '"the": 1, "x": ', 1)
+    with pytest.raises(ValueError):
+        D.vocab_from_json(swapped)
 
 
 def test_ids_and_vocabulary_equal_the_uncached_reading_on_wikitext2(tmp_path):
@@ -205,8 +222,15 @@ def test_a_ranks_columns_are_a_view_of_the_mapped_ids(tmp_path, heldout):
 def test_the_scale_bench_runs_on_a_small_synthetic_corpus(tmp_path):
     """The benchmark's plumbing, not its figures: corpora written, every run measured."""
     proc = dist_lm("bench-scale", "--dir", tmp_path, "--tokens", "60000", "--small-tokens",
-                   "20000", "--vocab", "1000", "--ranks", "1,2", timeout=600)
+                   "20000", "--vocab", "1000", "--ranks", "1,2", "--sampled-softmax", "100",
+                   "--steps", "2", timeout=900)
     assert proc.returncode == 0, proc.stderr
+    out = proc.stdout.splitlines()
+    peak = next(line.split() for line in out if line.startswith("peak"))
+    assert len(peak) == 3 and all(float(x) > 0 for x in peak[1:])  # full, sampled
+    ratios = [line.split() for line in out if "tokens/s" in line and "->" in line]
+    assert [r[0] for r in ratios] == ["local", "hvd2-mpi", "exchange"], out
+    assert (tmp_path / "bench-sampled+rows.json").exists()
     rows = [line.split() for line in proc.stdout.splitlines()
             if line.split()[:1] in (["big"], ["small"])]
     assert [r[:3] for r in rows] == [["big", "cold", "1"], ["big", "warm", "1"],

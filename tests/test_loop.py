@@ -227,3 +227,69 @@ def test_the_first_interval_after_a_resume_times_only_its_own_steps():
     interval = meter.close()
     assert (interval.steps, interval.timed_steps) == (10, 2)
     assert interval.loss == pytest.approx(5.0)
+
+
+# --- the host stays near the device ------------------------------------------------------
+
+EXECUTED = []
+
+
+class _Slow(mx.operator.CustomOp):
+    """Identity that takes 50 ms and records that it ran: a device slower than the host."""
+
+    def forward(self, is_train, req, in_data, out_data, aux):
+        import time
+
+        time.sleep(0.05)
+        EXECUTED.append(1)
+        self.assign(out_data[0], req[0], in_data[0])
+
+    def backward(self, req, out_grad, in_data, out_data, in_grad, aux):
+        self.assign(in_grad[0], req[0], out_grad[0])
+
+
+@mx.operator.register("dist_lm_test_slow")
+class _SlowProp(mx.operator.CustomOpProp):
+    def __init__(self):
+        super().__init__(need_top_grad=True)
+
+    def list_arguments(self):
+        return ["data"]
+
+    def list_outputs(self):
+        return ["output"]
+
+    def infer_shape(self, in_shape):
+        return in_shape, [in_shape[0]], []
+
+    def create_operator(self, ctx, shapes, dtypes):
+        return _Slow()
+
+
+def test_the_host_waits_for_the_device_within_two_steps(monkeypatch):
+    """Without a bound the host queues a whole log interval of steps ahead of a slower
+    device, and a stop's checkpoint waits for all of them."""
+    from dist_lm.model import LSTMLM
+    from dist_lm.stepper import Stepper
+
+    real = LSTMLM.features
+
+    def slow_features(self, F, inputs, states):
+        x, states = real(self, F, inputs, states)
+        return F.Custom(x, op_type="dist_lm_test_slow"), states
+
+    monkeypatch.setattr(LSTMLM, "features", slow_features)
+    cfg = config(*TINY, "--dropout", "0")
+    model = LSTMLM(cfg.model, 50)
+    model.initialize(mx.init.Xavier())
+    stepper = Stepper(model, cfg, LocalWorld(), mx.cpu())
+    rng = np.random.default_rng(0)
+    states = model.begin_state(4, mx.cpu())
+    EXECUTED.clear()
+    behind = []
+    for step in range(8):
+        batch = rng.integers(0, 50, size=(2, 5, 4))
+        _, _, _, states = stepper.step(batch[0], batch[1], states, None, step)
+        behind.append(step + 1 - len(EXECUTED))  # forward passes not yet run
+    mx.nd.waitall()
+    assert len(EXECUTED) == 8 and max(behind) <= 1, behind

@@ -323,9 +323,11 @@ def test_bench_rejects_an_unknown_variant(heldout):
 
 
 @pytest.mark.parametrize("clip_mode,nonfinite", [("global", "stop"), ("local", "stop")])
-def test_a_training_step_never_waits_for_the_device(monkeypatch, clip_mode, nonfinite):
+def test_a_training_step_never_waits_for_its_own_work(monkeypatch, clip_mode, nonfinite):
     """Stepper.step (forward, backward, norm, clip, update) only queues work: every way
-    of reading a value back to the host fails here, and the step still runs."""
+    of reading a value back to the host fails here, except waiting for the previous
+    step's loss (the bound that keeps the host within two steps of the device), and the
+    step still runs."""
     from dist_lm.config import Config
     from dist_lm.dist import LocalWorld
     from dist_lm.stepper import Stepper
@@ -339,16 +341,21 @@ def test_a_training_step_never_waits_for_the_device(monkeypatch, clip_mode, nonf
     states = model.begin_state(4, mx.cpu())
     (inputs, targets), = batches(n=1)
     inputs, targets = inputs.asnumpy(), targets.asnumpy()
-    stepper.step(inputs, targets, states)  # the first call builds the graph
+    results = [stepper.step(inputs, targets, states)]  # the first call builds the graph
 
     def sync(*_args, **_kwargs):
         raise AssertionError("host sync in the training step")
 
-    for name in ("asnumpy", "asscalar", "wait_to_read"):
+    waited = []
+    for name in ("asnumpy", "asscalar"):
         monkeypatch.setattr(mx.nd.NDArray, name, sync)
+    monkeypatch.setattr(mx.nd.NDArray, "wait_to_read", lambda self: waited.append(self))
     monkeypatch.setattr(mx.nd, "waitall", sync)
-    results = [stepper.step(inputs, targets, states) for _ in range(3)]
+    for _ in range(3):
+        results.append(stepper.step(inputs, targets, states))
     monkeypatch.undo()
+    # Each step waited once, for the loss the step before it returned.
+    assert [id(a) for a in waited] == [id(r[0]) for r in results[:-1]]
     loss, norm, finite, _ = results[-1]
     assert np.isfinite(loss.asscalar()) and norm.asscalar() > 0 and finite.asscalar() == 1.0
 

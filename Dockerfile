@@ -108,6 +108,11 @@ RUN flags=(HOROVOD_WITH_MXNET=1 HOROVOD_WITH_MPI=1 HOROVOD_WITH_GLOO=1 \
 # operator mounts as host key, and no ownership checks on the mounted key files
 # (StrictModes). The ssh client side: the same port, and no known_hosts (pods are new
 # each run, and the mounted .ssh is read-only).
+# Keepalives on both sides (docs/reliability.md): without them a TCP connection to a node
+# that dropped off the network stays open for many minutes, and so does everything
+# waiting on it. The launcher's ssh to a lost worker ends after 3 x 5 s without an answer
+# (ServerAlive), which ends mpirun's job; a worker's sshd ends the session of a launcher
+# it lost after as long (ClientAlive).
 RUN groupadd --gid 1000 mpiuser \
     && useradd --create-home --uid 1000 --gid 1000 --shell /bin/bash mpiuser \
     && printf '%s\n' \
@@ -119,6 +124,8 @@ RUN groupadd --gid 1000 mpiuser \
         'PasswordAuthentication no' \
         'PermitRootLogin no' \
         'UsePAM no' \
+        'ClientAliveInterval 5' \
+        'ClientAliveCountMax 3' \
         >/etc/ssh/sshd_config.nonroot \
     && printf '%s\n' \
         'Host *' \
@@ -126,6 +133,9 @@ RUN groupadd --gid 1000 mpiuser \
         '    StrictHostKeyChecking no' \
         '    UserKnownHostsFile /dev/null' \
         '    LogLevel ERROR' \
+        '    ServerAliveInterval 5' \
+        '    ServerAliveCountMax 3' \
+        '    ConnectTimeout 10' \
         >/etc/ssh/ssh_config.d/mpi-operator.conf \
     && rm -f /etc/ssh/ssh_host_*
 

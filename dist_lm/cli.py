@@ -6,9 +6,12 @@
     dist-lm report RUN_DIR...         curves of runs as a PNG, and a summary
     dist-lm bench --train-file F      throughput of the reference loop and of dist-lm
     dist-lm bench-scale --dir D       start-up and memory at WikiText-103 size
+    dist-lm bench-net --train-file F  the allreduce across simulated nodes, shaped links
 
 `main(argv)` returns the exit code and is what tests call. Errors a user can cause print
-one line, `dist-lm: error: ...`, and exit 2 on every rank.
+one line, `dist-lm: error: ...`, and exit 2 on every rank. A rank whose peer failed or
+stopped answering (Horovod shut down, a Gloo timeout or reset connection) prints one line
+and exits 4 at once, without the tracebacks MXNet's exit handlers would add.
 """
 
 from __future__ import annotations
@@ -20,7 +23,12 @@ from typing import List, Optional
 
 from .config import add_config_args, config_from_args
 from .errors import BenchFailed, NonFiniteError, Preempted, RanksOutOfSync, UsageError
-from .lifecycle import STOP
+from .lifecycle import STOP, exit_now, say
+
+# Horovod's and Gloo's words for "a peer rank failed or stopped answering".
+PEER_FAILURE = ("Horovod has been shut down", "HorovodInternalError", "Timed out waiting",
+                "Connection reset by peer", "Connection closed by peer", "Broken pipe",
+                "gloo::", "Gloo")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -77,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench-scale", help="start-up and memory on a WikiText-103-size "
                                            "synthetic corpus")
     add_scale_args(p)
+
+    from .netbench import add_args as add_net_args
+    p = sub.add_parser("bench-net", help="the gradient allreduce across simulated nodes "
+                                         "with shaped links (root)")
+    add_net_args(p)
     return parser
 
 
@@ -190,6 +203,12 @@ def cmd_bench_scale(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_bench_net(args: argparse.Namespace) -> int:
+    from .netbench import run
+
+    return run(args)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     from .launcher_env import configure_process
 
@@ -200,14 +219,34 @@ def main(argv: Optional[List[str]] = None) -> int:
         configure_process()  # threads, allocator, MPI waiting: before MXNet and MPI load
         args = build_parser().parse_args(argv)
         commands = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate,
-                    "report": cmd_report, "bench": cmd_bench, "bench-scale": cmd_bench_scale}
+                    "report": cmd_report, "bench": cmd_bench, "bench-scale": cmd_bench_scale,
+                    "bench-net": cmd_bench_net}
         return commands[args.command](args)
     except (UsageError, RanksOutOfSync, NonFiniteError, Preempted, BenchFailed) as err:
         rank = os.environ.get("HOROVOD_RANK", os.environ.get("OMPI_COMM_WORLD_RANK"))
         where = f"[rank {rank}] " if rank is not None else ""
         kind = "stopped" if isinstance(err, Preempted) else "error"
-        print(f"dist-lm: {kind}: {where}{err}", file=sys.stderr, flush=True)
+        say(f"dist-lm: {kind}: {where}{err}")  # one write: see lifecycle.say
         return err.exit_code
+    except RuntimeError as err:  # MXNetError and HorovodInternalError are RuntimeErrors
+        reason = peer_failure(err)
+        if reason is None:
+            raise
+        exit_now(f"lost a peer rank: {reason}")
+        raise  # not reached
+
+
+def peer_failure(err: BaseException):
+    """What a Horovod error says about a lost peer, in a line; None for other errors."""
+    text = f"{type(err).__name__}: {err}"
+    if not any(word in text for word in PEER_FAILURE):
+        return None
+    first = next((line.strip() for line in str(err).splitlines() if line.strip()), text)
+    first = first.removeprefix("MXNetError: ")
+    if "Horovod has been shut down" in first:
+        return "Horovod shut down after a peer rank failed or stopped answering " \
+               "(Horovod's line above names the peer's address)"
+    return first[:300]
 
 
 if __name__ == "__main__":

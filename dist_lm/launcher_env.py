@@ -12,6 +12,21 @@ import os
 
 LAUNCHER_VARS = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
 
+# The environment variables that change what a rank computes (which kernels, in which
+# order floats are summed) or with how many threads: read by OpenMP, the BLAS libraries,
+# oneDNN, MXNet, Horovod's and NCCL's reduction choices, and dist-lm's allocator. All ranks
+# of a job must see the same values: `mpirun` passes a rank started over ssh only what
+# `-x` names, so a value set on the launcher's node would reach that node's ranks alone
+# (horovodrun forwards the whole environment). `configure_process` therefore makes every
+# rank's values rank 0's under mpirun, and the launcher wrapper (dist_lm/procs.py) adds
+# `-x` for each one set where mpirun runs.
+NUMERICS_PREFIXES = ("OMP_", "KMP_", "GOMP_", "MKL_", "OPENBLAS_", "GOTO_", "BLIS_",
+                     "DNNL_", "ONEDNN_", "MKLDNN_", "MXNET_")
+NUMERICS_NAMES = ("HOROVOD_FUSION_THRESHOLD", "HOROVOD_CYCLE_TIME", "HOROVOD_CPU_OPERATIONS",
+                  "HOROVOD_HIERARCHICAL_ALLREDUCE", "HOROVOD_HIERARCHICAL_ALLGATHER",
+                  "HOROVOD_AUTOTUNE", "HOROVOD_CACHE_CAPACITY", "HOROVOD_DISABLE_GROUP_FUSION",
+                  "HOROVOD_BATCH_D2D_MEMCOPIES", "NCCL_ALGO", "NCCL_PROTO", "DIST_LM_MALLOC")
+
 # glibc mallopt() parameters (malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 
@@ -82,10 +97,44 @@ def configure_mpi_waiting() -> None:
         os.environ.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")
 
 
+def numerics_env(environ=os.environ) -> dict:
+    """The variables of NUMERICS_PREFIXES / NUMERICS_NAMES that are set in environ."""
+    return {k: v for k, v in environ.items()
+            if k.startswith(NUMERICS_PREFIXES) or k in NUMERICS_NAMES}
+
+
+def adopt_root_numerics() -> list:
+    """Under mpirun, makes this rank's numerics variables exactly rank 0's (set what rank 0
+    sets, unset what it does not) before MXNet loads; returns the names it changed.
+
+    Rank 0 runs beside mpirun in the usual `mpirun -H here:k,there:k` and inherits its
+    whole environment; ranks on other nodes see only what -x names, and their node's own
+    defaults. Initialises MPI (mpi4py, MPI_THREAD_MULTIPLE, as Horovod is later handed
+    it); Gloo jobs (horovodrun forwards everything) and single processes are left alone.
+    """
+    size = int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1") or 1)
+    if size < 2 or "HOROVOD_GLOO_RENDEZVOUS_ADDR" in os.environ:
+        return []
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        return []
+    mine = numerics_env()
+    root = MPI.COMM_WORLD.bcast(mine, root=0)
+    changed = sorted(k for k in set(mine) | set(root) if mine.get(k) != root.get(k))
+    for name in changed:
+        if name in root:
+            os.environ[name] = root[name]
+        else:
+            del os.environ[name]
+    return changed
+
+
 def configure_process() -> int:
-    """Everything this process sets before MXNet and MPI load: OpenMP threads, the
-    allocator, and how MPI waits. Returns the number of OpenMP threads."""
-    threads = configure_threads()
+    """Everything this process sets before MXNet and MPI load: how MPI waits, the
+    allocator, rank 0's numerics variables (under mpirun), and OpenMP threads. Returns
+    the number of OpenMP threads."""
+    configure_mpi_waiting()  # read by MPI_Init, which adopt_root_numerics runs
     configure_allocator()
-    configure_mpi_waiting()
-    return threads
+    adopt_root_numerics()
+    return configure_threads()

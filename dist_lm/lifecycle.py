@@ -1,37 +1,68 @@
 """Signals and the watchdog: how a rank learns it must stop.
 
-`StopFlag` turns SIGTERM/SIGINT into a flag that the training loop shares every step,
-so that all ranks agree (an allreduce of the flag) to stop together after a checkpoint. A
-second signal, or one outside training, ends the process at once.
+`StopFlag` turns SIGTERM/SIGINT (and SIGUSR1, which is how the project's launcher
+wrapper asks the ranks under mpirun to stop: mpirun forwards it at once, see
+dist_lm/procs.py) into a flag that the training loop shares every step, so that all ranks
+agree (an allreduce of the flag) to stop together after a checkpoint. A second signal, or
+one outside training, ends the process at once.
 
 `Watchdog` ends the process with a one-line message (exit code 4) when the loop makes no
 progress for `timeout` seconds: the guard against a peer that died or collectives that
-went out of step, which Horovod's Gloo controller would otherwise wait on forever.
+went out of step, which Horovod's Gloo controller would otherwise wait on forever. It
+also ends a rank that a stop signal cannot reach: Python runs a signal handler only
+when the main thread returns from C, and a rank blocked in a collective with a vanished
+peer never does. The watchdog thread learns of the signal from the wakeup pipe that
+Python's C-level handler writes to, and exits the process `stop_grace_s` later if the
+handler still has not run.
 """
 
 from __future__ import annotations
 
 import os
+import select
 import signal
+import socket
 import sys
 import threading
 import time
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
+def rank_and_host() -> str:
+    """`[rank R on HOST] ` under a launcher, else ''."""
+    rank = os.environ.get("HOROVOD_RANK", os.environ.get("OMPI_COMM_WORLD_RANK"))
+    return f"[rank {rank} on {socket.gethostname()}] " if rank is not None else ""
 
 
 class StopFlag:
     def __init__(self) -> None:
         self.signum = 0
         self._armed = False
+        self.wakeup = None  # read end of the pipe Python's C-level handler writes to
 
     def install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in STOP_SIGNALS:
             signal.signal(sig, self._handle)
+        if self.wakeup is None:
+            read, write = os.pipe()
+            os.set_blocking(read, False)
+            os.set_blocking(write, False)
+            try:
+                signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+            except ValueError:  # not the main thread: no wakeup pipe, no stop grace
+                os.close(read)
+                os.close(write)
+                return
+            self.wakeup = read
 
     def arm(self, armed: bool = True) -> None:
         """While armed, a first signal only sets the flag (the loop will stop cleanly)."""
         self._armed = armed
 
     def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGUSR1:  # a stop request, as SIGTERM (exit code 143)
+            signum = signal.SIGTERM
         if self._armed and not self.signum:
             self.signum = signum
             return
@@ -42,9 +73,10 @@ STOP = StopFlag()
 
 
 class Watchdog:
-    def __init__(self, timeout_s: float, what: str = "training"):
+    def __init__(self, timeout_s: float, what: str = "training", stop_grace_s: float = 30.0):
         self.timeout = timeout_s
         self.what = what
+        self.stop_grace = stop_grace_s
         self._last = time.monotonic()
         self._stop = threading.Event()
         self._thread = None
@@ -55,6 +87,12 @@ class Watchdog:
     def __enter__(self) -> "Watchdog":
         if self.timeout > 0:
             self.beat()
+            while STOP.wakeup is not None:  # signals before this watch are not its own
+                try:
+                    if not os.read(STOP.wakeup, 512):
+                        break
+                except OSError:  # empty (non-blocking)
+                    break
             self._thread = threading.Thread(target=self._watch, daemon=True,
                                             name="dist-lm-watchdog")
             self._thread.start()
@@ -63,16 +101,58 @@ class Watchdog:
     def __exit__(self, *exc) -> None:
         self._stop.set()
 
+    def _signalled(self, wait_s: float) -> bool:
+        """Waits up to wait_s; True when a stop signal arrived meanwhile."""
+        if STOP.wakeup is None:
+            self._stop.wait(wait_s)
+            return False
+        try:
+            if not select.select([STOP.wakeup], [], [], wait_s)[0]:
+                return False
+            return any(b in STOP_SIGNALS for b in os.read(STOP.wakeup, 512))
+        except OSError:
+            return False
+
     def _watch(self) -> None:
-        while not self._stop.wait(min(1.0, self.timeout / 4)):
-            idle = time.monotonic() - self._last
+        signalled = None
+        while not self._stop.is_set():
+            if self._signalled(min(1.0, self.timeout / 4)) and signalled is None:
+                signalled = time.monotonic()
+            if self._stop.is_set():
+                return
+            now = time.monotonic()
+            idle = now - self._last
             if idle > self.timeout:
-                rank = os.environ.get("HOROVOD_RANK", os.environ.get("OMPI_COMM_WORLD_RANK"))
-                where = f"[rank {rank}] " if rank is not None else ""
-                print(f"dist-lm: error: {where}no {self.what} progress for {idle:.0f}s "
-                      f"(--watchdog-s {self.timeout:g}): a peer rank may have died or "
-                      f"stopped answering; exiting", file=sys.stderr, flush=True)
-                os._exit(4)
+                exit_now(f"no {self.what} progress for {idle:.0f}s "
+                         f"(--watchdog-s {self.timeout:g}): a peer rank may have died or "
+                         f"stopped answering; exiting")
+            if signalled is not None and not STOP.signum and \
+                    now - max(signalled, self._last) > self.stop_grace:
+                exit_now(f"a stop signal came {now - signalled:.0f}s ago and this rank is "
+                         f"still blocked (in a collective whose peer rank may be gone); "
+                         f"exiting without a checkpoint")
+
+
+def say(line: str) -> None:
+    """One line on stderr in one write: print() writes the text and the newline apart
+    (unbuffered, as PYTHONUNBUFFERED makes it), and mpirun then splices the lines of
+    ranks that end at the same moment into one."""
+    try:
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+
+
+def exit_now(message: str, code: int = 4) -> None:
+    """One line on stderr and the process ends at once (from any thread, whatever the
+    main thread is blocked in; no atexit handlers, which would block or raise too)."""
+    say(f"dist-lm: error: {rank_and_host()}{message}")
+    try:
+        sys.stdout.flush()
+    except (OSError, ValueError):
+        pass
+    os._exit(code)
 
 
 class StopAgreed(Exception):

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the project's environment in $VENV (default .venv), idempotently:
-#   1. OpenMPI and a C++ toolchain from Debian packages, when missing;
+#   1. OpenMPI, a C++ toolchain, and openssh-server + iproute2 (for launch/sim-cluster)
+#      from Debian packages, when missing;
 #   2. the pinned Python stack from launch/constraints.txt and dist-lm itself (editable);
 #   3. Horovod built from source with MXNet, Gloo and MPI (+ NCCL for VARIANT=gpu),
 #      checked with `horovodrun --check-build`.
@@ -37,7 +38,8 @@ stamp_horovod=$VENV/.dist-lm-horovod.stamp
 
 have_system_tools() {
   command -v mpirun >/dev/null && command -v mpicc >/dev/null &&
-    command -v cmake >/dev/null && command -v g++ >/dev/null
+    command -v cmake >/dev/null && command -v g++ >/dev/null &&
+    [ -x /usr/sbin/sshd ] && { command -v ip >/dev/null || [ -x /usr/sbin/ip ]; }
 }
 
 if have_system_tools && [ -x "$VENV/bin/python" ] &&
@@ -48,16 +50,19 @@ fi
 
 # 1. System packages.
 if ! have_system_tools; then
-  log "installing OpenMPI and build tools (apt-get)"
+  log "installing OpenMPI, build tools, openssh-server and iproute2 (apt-get)"
   sudo=""
   if [ "$(id -u)" -ne 0 ]; then
-    command -v sudo >/dev/null || die "OpenMPI/cmake/g++ are missing and this user cannot run apt-get; install libopenmpi-dev openmpi-bin cmake g++"
+    command -v sudo >/dev/null || die "OpenMPI/cmake/g++/sshd/ip are missing and this user cannot run apt-get; install libopenmpi-dev openmpi-bin cmake g++ openssh-server iproute2"
     sudo=sudo
   fi
+  # openssh-server only for its sshd binary (launch/sim-cluster starts its own sshds in
+  # network namespaces); note that on a host booted with systemd the package also enables
+  # and starts the host's ssh service.
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
-    libopenmpi-dev openmpi-bin cmake g++ make >/dev/null
-  have_system_tools || die "apt-get finished but mpirun/mpicc/cmake/g++ are still missing"
+    libopenmpi-dev openmpi-bin cmake g++ make openssh-server iproute2 >/dev/null
+  have_system_tools || die "apt-get finished but mpirun/mpicc/cmake/g++/sshd/ip are still missing"
 fi
 
 # 2. Python stack.

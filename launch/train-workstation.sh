@@ -1,16 +1,31 @@
 #!/usr/bin/env bash
-# Runs `dist-lm train "$@"` on this machine as NP Horovod ranks.
-#   NP          ranks (default: one per GPU, or 2 CPU ranks when there is no GPU);
-#               NP=1 runs one plain process without a launcher
+# Runs `dist-lm train "$@"` as NP Horovod ranks, on this machine or across machines.
+#   NP          ranks (default: one per GPU, or 2 CPU ranks when there is no GPU; with
+#               HOSTS, the sum of its slots); NP=1 runs one plain process without a launcher
 #   CONTROLLER  gloo (default: `horovodrun --gloo`) or mpi (`mpirun`; not
 #               `horovodrun --mpi`, which does not pass SIGTERM on to the ranks)
+#   HOSTS       where the ranks run, host:slots,... (default localhost:NP). Other hosts
+#               are reached over ssh without a password and need the same paths (this
+#               checkout, its .venv, the data) and must resolve each other's names
+#   IFACE       the network interface the ranks talk over (e.g. eth0), when the hosts
+#               have several and the launcher's guess is wrong
 #   VENV        the environment made by launch/setup-env.sh (default: .venv)
+# The launcher runs under the project's wrapper (python -m dist_lm.procs, see
+# docs/reliability.md): Ctrl-C or SIGTERM stops every rank with a checkpoint, a lost
+# rank or node ends the whole job with one line that names it.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VENV=${VENV:-$root/.venv}
 export PATH="$VENV/bin:$PATH"
 CONTROLLER=${CONTROLLER:-gloo}
+HOSTS=${HOSTS:-}
 
+if [ -z "${NP:-}" ] && [ -n "$HOSTS" ]; then
+  NP=0
+  for slot in ${HOSTS//,/ }; do
+    [[ $slot == *:* ]] && NP=$((NP + ${slot##*:})) || NP=$((NP + 1))
+  done
+fi
 if [ -z "${NP:-}" ]; then
   NP=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
   [ "${NP:-0}" -gt 0 ] || NP=2
@@ -19,19 +34,38 @@ if ! [[ $NP =~ ^[1-9][0-9]*$ ]]; then
   echo "train-workstation: NP must be a positive integer, not '$NP'" >&2
   exit 2
 fi
+if [ -n "$HOSTS" ] && ! [[ $HOSTS =~ ^[A-Za-z0-9._-]+(:[1-9][0-9]*)?(,[A-Za-z0-9._-]+(:[1-9][0-9]*)?)*$ ]]; then
+  echo "train-workstation: HOSTS must be host:slots,host:slots,... not '$HOSTS'" >&2
+  exit 2
+fi
+HOSTS=${HOSTS:-localhost:$NP}
 
-if [ "$NP" -eq 1 ]; then
+if [ "$NP" -eq 1 ] && [ "$HOSTS" = localhost:1 ]; then
   exec dist-lm train "$@"
 fi
+supervise=(python -m dist_lm.procs)
 case $CONTROLLER in
   gloo)
-    exec horovodrun -np "$NP" -H "localhost:$NP" --gloo dist-lm train "$@" ;;
+    # --disable-cache: horovodrun otherwise trusts for an hour an ssh check it cached in
+    # ~/.horovod, and a node that went away since fails later and less clearly.
+    extra=(--disable-cache)
+    [ -z "${IFACE:-}" ] || extra+=(--network-interface "$IFACE")
+    exec "${supervise[@]}" horovodrun -np "$NP" -H "$HOSTS" --gloo "${extra[@]}" \
+      dist-lm train "$@" ;;
   mpi)
-    extra=(-x PATH)
+    extra=(-x PATH -x PYTHONUNBUFFERED=1)
     [ "$(id -u)" -eq 0 ] && extra+=(--allow-run-as-root)
-    # Forwarded only when set: mpirun warns about a variable it cannot find.
+    # Forwarded only when set: mpirun warns about a variable it cannot find. The wrapper
+    # adds -x for every variable that changes numerics or threading (launcher_env.py).
     [ -n "${LD_LIBRARY_PATH:-}" ] && extra+=(-x LD_LIBRARY_PATH)
-    exec mpirun "${extra[@]}" -np "$NP" -H "localhost:$NP" -bind-to none -map-by slot \
+    [ -z "${IFACE:-}" ] || extra+=(-mca oob_tcp_if_include "$IFACE" -mca btl_tcp_if_include "$IFACE")
+    # Across nodes: Open MPI's ring allreduce (its default took 2-3x as long over
+    # 1 Gbit/s links, docs/cluster.md), and keepalives on mpirun's own connections
+    # so that a daemon on a lost node is noticed in ~25 s (docs/reliability.md).
+    exec "${supervise[@]}" mpirun "${extra[@]}" -np "$NP" -H "$HOSTS" -bind-to none -map-by slot \
+      -mca coll_tuned_use_dynamic_rules 1 -mca coll_tuned_allreduce_algorithm 4 \
+      -mca oob_tcp_keepalive_time 10 -mca oob_tcp_keepalive_intvl 5 \
+      -mca oob_tcp_keepalive_probes 3 \
       dist-lm train "$@" ;;
   *)
     echo "train-workstation: CONTROLLER must be gloo or mpi, not '$CONTROLLER'" >&2

@@ -260,7 +260,8 @@ def test_job_shape_and_launcher(rendered):
 
     launcher = specs["Launcher"]["template"]["spec"]["containers"][0]
     argv = launcher["command"] + launcher["args"]
-    assert argv[0] == "mpirun"
+    # mpirun under the project's wrapper (signals, the end of a failed job, its last line).
+    assert argv[:4] == ["python", "-m", "dist_lm.procs", "mpirun"]
     assert not any("horovodrun" in a for a in argv)
     assert "nvidia.com/gpu" not in launcher["resources"].get("limits", {})
     assert int(value_after(argv, "-np")) == workers * slots
@@ -268,6 +269,13 @@ def test_job_shape_and_launcher(rendered):
     assert {("-bind-to", "none"), ("-map-by", "slot"), ("-x", "NCCL_DEBUG=INFO"),
             ("-x", "LD_LIBRARY_PATH"), ("-x", "PATH")} <= pairs(mpirun_argv)
     assert {("pml", "ob1"), ("btl", "^openib")} <= pairs(mpirun_argv)
+    # Across nodes: the ring allreduce, and keepalives that notice a lost node's daemon.
+    assert {("coll_tuned_use_dynamic_rules", "1"), ("coll_tuned_allreduce_algorithm", "4"),
+            ("oob_tcp_keepalive_time", "10"), ("oob_tcp_keepalive_intvl", "5"),
+            ("oob_tcp_keepalive_probes", "3")} <= pairs(mpirun_argv)
+    # No long odls_base_sigkill_timeout: the wrapper's SIGUSR1 gives the ranks their time
+    # to checkpoint, and a failed attempt should end at once.
+    assert "odls_base_sigkill_timeout" not in mpirun_argv
     assert "--allow-run-as-root" not in argv  # the image runs as mpiuser
 
     train = argv[argv.index("dist-lm"):]
@@ -464,6 +472,10 @@ def test_dockerfile_matches_the_manifests():
     assert f"'HostKey {job['spec']['sshAuthMountPath']}/id_rsa'" in text
     assert f"'PidFile {home}/" in text and "'StrictModes no'" in text
     assert "horovodrun --check-build" in text
+    # Keepalives on both ends of the launcher's ssh sessions (docs/reliability.md).
+    for line in ("'    ServerAliveInterval 5'", "'    ServerAliveCountMax 3'",
+                 "'ClientAliveInterval 5'", "'ClientAliveCountMax 3'"):
+        assert line in text, line
     assert re.search(r"pip install .*-c launch/constraints\.txt -e \"\.\[\$\{VARIANT\}\]\"", text)
 
 

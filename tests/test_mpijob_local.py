@@ -1,10 +1,16 @@
-"""Runs the MPIJob's launcher command for real, on this machine, as 2 ranks.
+"""Runs the MPIJob's launcher command for real: across simulated nodes, and on this machine.
 
 The command is taken from the rendered base MPIJob (k8s/base) and only what must differ
-here is rewritten: the hostfile (the operator's environment variables, pointing at
-`localhost slots=2`), `-np 2`, `--allow-run-as-root` when run as root, the data as the
-offline WikiText-2 files, a tiny CPU model for 6 steps, and the run dir. Everything else,
-the mpirun flags included, runs as the cluster would run it.
+here is rewritten: the hostfile (the operator's environment variables), `-np`,
+`--allow-run-as-root` when run as root, the data as the offline WikiText-2 files, a tiny
+CPU model for a few steps, and the run dir. Everything else, the wrapper and the mpirun
+flags included, runs as the cluster would run it.
+
+Across nodes (launch/sim-cluster, 4 nodes): node1 plays the launcher pod and node2..node4
+the workers, so that no rank runs beside mpirun (as in the MPIJob, where the launcher
+pod holds no rank) and every rank is started over ssh. The run must take the same steps
+as one process with the global batch. On this machine (`localhost slots=2`): the shape of
+the single-node overlay, several slots on one worker.
 """
 
 from __future__ import annotations
@@ -18,10 +24,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, WIKITEXT2, run
+from conftest import BIN, REPO, TINY, VALID, WIKITEXT2, max_param_diff, run
 
 VENV_BIN = REPO / ".venv" / "bin"
+SIM = REPO / "launch" / "sim-cluster"
 TIMEOUT = 240
+# Where float noise is not amplified (as tests/test_distributed.py): dropout 0, lr 1, the
+# global-norm clip active at every step; 12 columns split over the ranks.
+RECIPE = ["--dropout", "0", "--lr", "1", "--clip", "0.1", "--log-interval", "5",
+          "--epochs", "1", "--global-batch-size", "12"]
 
 
 def tool(name: str) -> str:
@@ -47,13 +58,18 @@ def drop_option(argv: list[str], flag: str) -> list[str]:
     return argv[:i] + argv[i + 2:]
 
 
-def local_command(argv: list[str], run_dir: Path) -> list[str]:
+def local_command(argv: list[str], run_dir: Path, np: int = 2,
+                  train_args: list = ()) -> list[str]:
+    """The launcher's argv with only what must differ here rewritten: -np, root, and the
+    training options (tiny model, offline data, run dir; train_args, else 6 steps)."""
     split = argv.index("dist-lm")
-    mpirun, train = argv[:split], argv[split:]
+    wrapper = argv[:argv.index("mpirun")]
+    mpirun, train = argv[len(wrapper):split], argv[split:]
+    assert wrapper == ["python", "-m", "dist_lm.procs"], wrapper
     assert mpirun[0] == "mpirun" and train[:2] == ["dist-lm", "train"]
 
     i = mpirun.index("-np")
-    mpirun[i + 1] = "2"
+    mpirun[i + 1] = str(np)
     if os.geteuid() == 0:  # CI runs as root; the image does not
         mpirun.insert(1, "--allow-run-as-root")
 
@@ -63,29 +79,72 @@ def local_command(argv: list[str], run_dir: Path) -> list[str]:
     train += ["--train-file", WIKITEXT2 / "wiki.valid.tokens",
               "--valid-file", WIKITEXT2 / "wiki.test.tokens",
               "--test-file", WIKITEXT2 / "wiki.test.tokens",
-              "--model", "custom", "--embed-size", "32", "--hidden-size", "32",
-              "--num-layers", "1", "--max-steps", "6", "--log-interval", "3",
-              "--context", "cpu", "--run-dir", run_dir]
-    return [str(a) for a in mpirun + train]
+              *TINY[:-2], "--context", "cpu", "--run-dir", run_dir]
+    train += list(train_args) or ["--max-steps", "6", "--log-interval", "3"]
+    return [str(a) for a in [BIN / "python", *wrapper[1:], *mpirun, *train]]
+
+
+def operator_env(hostfile: Path, slots: int) -> dict:
+    """What the MPI Operator sets in the launcher (its hostfile lists the workers)."""
+    return {
+        "OMPI_MCA_orte_default_hostfile": str(hostfile),
+        "OMPI_MCA_orte_keep_fqdn_hostnames": "true",
+        "OMPI_MCA_orte_set_default_slots": str(slots),
+        "OMPI_MCA_plm_rsh_args": "-o ConnectionAttempts=10",
+        # The image's ENV, which the launcher forwards (-x LD_LIBRARY_PATH).
+        "LD_LIBRARY_PATH": os.environ.get("LD_LIBRARY_PATH", "/usr/local/lib"),
+    }
 
 
 @pytest.mark.dist
-def test_launcher_command_trains_two_ranks(tmp_path):
+def test_launcher_command_trains_two_slots_on_one_worker(tmp_path):
     assert (WIKITEXT2 / "wiki.valid.tokens").is_file(), f"missing WikiText-2 in {WIKITEXT2}"
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("localhost slots=2\n")
     run_dir = tmp_path / "run"
     command = local_command(launcher_argv(), run_dir)
-    command[0] = tool("mpirun")
-    env = {
-        # What the MPI Operator sets in the launcher (its hostfile lists the workers).
-        "OMPI_MCA_orte_default_hostfile": str(hostfile),
-        "OMPI_MCA_orte_keep_fqdn_hostnames": "true",
-        "OMPI_MCA_orte_set_default_slots": "2",
-        "OMPI_MCA_plm_rsh_args": "-o ConnectionAttempts=10",
-    }
-    proc = run(command, timeout=TIMEOUT, env=env, cwd=tmp_path)
+    proc = run(command, timeout=TIMEOUT, env=operator_env(hostfile, 2), cwd=tmp_path)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"{' '.join(command)}\n{output}"
     assert (run_dir / "config.json").is_file() and (run_dir / "final.params").is_file(), output
     assert json.loads((run_dir / "run.json").read_text())["ranks"] == 2
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    from test_sim_cluster import Sim
+
+    sim = Sim("dlmjob", tmp_path_factory.mktemp("mpijob-sim") / "state")
+    try:
+        sim.up(4)
+        yield sim
+    finally:
+        sim("down")
+
+
+@pytest.mark.dist
+def test_launcher_command_across_nodes_equals_one_process(cluster, heldout, tmp_path):
+    """3 workers x 1 slot, started over ssh from a launcher node that holds no rank, with
+    a numerics variable set only on the launcher (the wrapper forwards it): the same
+    steps as one process with the 12 columns (< 1e-5)."""
+    steps = ["--max-steps", "20", "--train-file", VALID, "--valid-file", heldout,
+             "--test-file", heldout, *RECIPE]
+    env = {"MXNET_USE_MKLDNN_RNN": "0"}  # another LSTM kernel: numerics differ (~3e-8)
+    one = tmp_path / "one"
+    single = run([BIN / "dist-lm", "train", *TINY, *steps, "--run-dir", one],
+                 env=env, timeout=TIMEOUT)
+    assert single.returncode == 0, single.stderr
+
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("".join(f"node{i} slots=1\n" for i in (2, 3, 4)))
+    run_dir = tmp_path / "run"
+    command = local_command(launcher_argv(), run_dir, np=3,
+                            train_args=[*steps, "--check-sync-interval", "5"])
+    proc = run([SIM, "exec", "node1", *command], timeout=TIMEOUT,
+               env={**cluster.env, **operator_env(hostfile, 1), **env})
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"{' '.join(command)}\n{output}"
+    assert json.loads((run_dir / "run.json").read_text())["ranks"] == 3
+    diff = max_param_diff(one / "final.params", run_dir / "final.params")
+    print(f"\nMPIJob command, 3 workers x 4 columns vs 1 process x 12: max |diff| {diff:.2e}")
+    assert diff < 1e-5

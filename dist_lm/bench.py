@@ -380,21 +380,18 @@ def run(args: argparse.Namespace) -> int:
         if any(v.startswith("reference") for v in variants):
             raise UsageError("--sampled-softmax: the reference variants have no sampled "
                              "softmax; choose dist-lm variants with --variants")
-        if args.sampled_softmax <= 0:
-            raise UsageError(f"--sampled-softmax must be a positive integer, got "
-                             f"{args.sampled_softmax}")
     if args.exchange == "rows" and args.sampled_softmax is None:
         raise UsageError("--exchange rows needs --sampled-softmax")
     # The workers' own checks, made once here so that bad data stops the bench at once;
     # this also builds the corpus cache the workers map.
     from .cache import CorpusCache, cache_root
+    from .sampling import check_num_sampled
 
     cache = CorpusCache(cache_root(args.cache_dir, args.train_file))
-    vocab_size = len(cache.vocab(args.train_file, 1, None))
-    if args.sampled_softmax is not None and args.sampled_softmax >= vocab_size:
-        raise UsageError(f"--sampled-softmax {args.sampled_softmax} must be smaller than "
-                         f"the vocabulary ({vocab_size} words)")
-    ids = cache.ids(args.train_file, cache.vocab(args.train_file, 1, None))
+    vocab = cache.vocab(args.train_file, 1, None)
+    if args.sampled_softmax is not None:
+        check_num_sampled(args.sampled_softmax, len(vocab))
+    ids = cache.ids(args.train_file, vocab)
     D.shard_columns(ids, args.global_batch_size, 0, 1, args.bptt, what=args.train_file)
     cores = len(os.sched_getaffinity(0))
     load_at_start = os.getloadavg()[0]

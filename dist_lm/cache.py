@@ -16,10 +16,10 @@ streaming pass and memory-mapped by every later run.
 Reading matches `data.read_tokens` exactly (the text split as `str.splitlines` splits
 it, words by whitespace, one `<eos>` per line) and the vocabulary is GluonNLP's, built
 from the same counts, so ids and their order are those of the uncached path (tested on
-WikiText-2). Tokens are counted and encoded at C speed: a dict with a counting default
-hands out provisional ids in first-seen order (`map` over `__getitem__`, no per-token
-Python loop); the vocabulary is then built from the counts and one NumPy gather turns
-provisional ids into final ones.
+WikiText-2). Tokens are counted and encoded at C speed, a part of the training split per
+core in worker processes (`encode_part`: no per-token Python loop); the vocabulary is then
+built from the summed counts and one NumPy gather per part turns its provisional ids into
+final ones.
 
 Every use verifies: the source's sha1 picks the entry (a changed file gets new entries),
 and an entry whose record or digest does not match is rebuilt with a warning, never
@@ -32,15 +32,17 @@ from __future__ import annotations
 
 import codecs
 import collections
+import contextlib
 import fcntl
 import hashlib
 import itertools
 import json
 import os
+import subprocess
 import sys
 import tempfile
 from contextlib import contextmanager
-from typing import Iterator, List, Optional
+from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -50,42 +52,86 @@ from .hashing import hash_file
 
 FORMAT = 1
 EOS = "<eos>"
+MIN_PART_BYTES = 32 << 20  # below this, a worker process costs more than it saves
 CHUNK_BYTES = 8 << 20  # ~1.6M tokens of text per chunk: ~100 MB of transient str objects
 
 
 # --- reading -------------------------------------------------------------------------------
 
+class TextReader:
+    """Bytes [start, end) of a file as lines, as `str.splitlines` splits the whole text, a
+    chunk at a time; `has_words` tells afterwards whether any line held a word. start must
+    follow a b"\n" (see `part_bounds`). Raises UsageError for an unreadable, binary or
+    non-UTF-8 file."""
+
+    def __init__(self, path: str, start: int = 0, end: Optional[int] = None):
+        self.path, self.start, self.end = path, start, end
+        self.has_words = False
+
+    def __iter__(self) -> Iterator[List[str]]:
+        path = self.path
+        decoder = codecs.getincrementaldecoder("utf-8")()
+        carry, offset = "", self.start
+        try:
+            with open(path, "rb") as fh:
+                fh.seek(self.start)
+                while True:
+                    want = CHUNK_BYTES if self.end is None else \
+                        min(CHUNK_BYTES, self.end - offset)
+                    raw = fh.read(want) if want > 0 else b""
+                    final = not raw
+                    if b"\0" in raw:
+                        raise UsageError(f"{path} is a binary file, not text")
+                    try:
+                        text = carry + decoder.decode(raw, final=final)
+                    except UnicodeDecodeError as err:
+                        raise UsageError(f"{path} is not UTF-8 text (bad byte at offset "
+                                         f"{offset + err.start})") from None
+                    offset += len(raw)
+                    lines = text.splitlines(keepends=True)
+                    # The last piece may continue in the next chunk (or be a '\r' whose '\n'
+                    # comes next): carry it, unless the range has ended.
+                    carry = "" if final or not lines else lines.pop()
+                    if lines:  # each line keeps its end, which split() drops as whitespace
+                        if not self.has_words:
+                            self.has_words = not all(map(str.isspace, lines))
+                        yield lines
+                    if final:
+                        break
+        except OSError as err:
+            raise UsageError(f"cannot read {path}: {err.strerror}") from None
+
+
 def read_chunks(path: str) -> Iterator[List[str]]:
-    """The file's lines, as `str.splitlines` splits the whole text, a chunk at a time.
-    Raises UsageError for an unreadable, binary, non-UTF-8 or empty file."""
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    carry, offset, words = "", 0, 0
-    try:
-        with open(path, "rb") as fh:
-            while True:
-                raw = fh.read(CHUNK_BYTES)
-                final = not raw
-                if b"\0" in raw:
-                    raise UsageError(f"{path} is a binary file, not text")
-                try:
-                    text = carry + decoder.decode(raw, final=final)
-                except UnicodeDecodeError as err:
-                    raise UsageError(f"{path} is not UTF-8 text (bad byte at offset "
-                                     f"{offset + err.start})") from None
-                offset += len(raw)
-                lines = text.splitlines(keepends=True)
-                # The last piece may continue in the next chunk (or be a '\r' whose '\n'
-                # comes next): carry it, unless the file has ended.
-                carry = "" if final or not lines else lines.pop()
-                if lines:  # each line keeps its end, which split() drops as whitespace
-                    words += sum(1 for line in lines if not line.isspace())
-                    yield lines
-                if final:
-                    break
-    except OSError as err:
-        raise UsageError(f"cannot read {path}: {err.strerror}") from None
-    if not words:
+    """The whole file's lines, a chunk at a time; UsageError if it holds no word."""
+    reader = TextReader(path)
+    yield from reader
+    if not reader.has_words:
         raise UsageError(f"{path} is empty (no words)")
+
+
+def part_bounds(path: str, parts: int) -> List[Tuple[int, int]]:
+    """Up to `parts` byte ranges of about equal size that cover the file, each cut just
+    after a b"\n". A "\n" byte is always the character (UTF-8) and ends a line for
+    `splitlines` ("\r\n" included), so the parts' lines are exactly the whole file's."""
+    size = os.path.getsize(path)
+    cuts = [0]
+    with open(path, "rb") as fh:
+        for i in range(1, parts):
+            fh.seek(max(size * i // parts, cuts[-1]))
+            while True:
+                block = fh.read(1 << 16)
+                newline = block.find(b"\n")
+                if newline >= 0 or not block:
+                    break
+            if newline < 0:  # no line end after this point: the rest is one part
+                break
+            cut = fh.tell() - len(block) + newline + 1
+            if cut >= size:
+                break
+            cuts.append(cut)
+    cuts.append(size)
+    return list(zip(cuts, cuts[1:]))
 
 
 def tokens_of(lines: List[str]) -> List[str]:
@@ -94,6 +140,76 @@ def tokens_of(lines: List[str]) -> List[str]:
         tokens += line.split()
         tokens.append(EOS)
     return tokens
+
+
+def encode_part(path: str, start: int, end: int, out_path: str):
+    """Writes the ids of bytes [start, end) of path to out_path as int32 in this part's own
+    provisional numbering (first seen, first numbered) and returns (words in that order,
+    their counts (words,) int64, whether the part held a word).
+
+    Counting and encoding run at C speed: a dict with a counting default hands out the
+    provisional ids (`map` over `__getitem__`, no per-token Python loop). A module-level
+    function, so that worker processes can run it on their part."""
+    lookup = collections.defaultdict(itertools.count().__next__)
+    counts = np.zeros(0, dtype=np.int64)
+    reader = TextReader(path, start, end)
+    with open(out_path, "wb") as out:
+        for lines in reader:
+            tokens = tokens_of(lines)
+            ids = np.fromiter(map(lookup.__getitem__, tokens), np.int32, len(tokens))
+            ids.tofile(out)
+            chunk_counts = np.bincount(ids, minlength=len(lookup))
+            chunk_counts[:len(counts)] += counts
+            counts = chunk_counts
+    return list(lookup), counts, reader.has_words
+
+
+def encode_parts(path: str, out_paths: List[str], bounds: List[Tuple[int, int]]):
+    """encode_part on each part, in worker processes when there are several: the per-token
+    dict lookups are most of a cold start and run on one core per process. The workers
+    are plain `python -m dist_lm.cache` processes (not multiprocessing's, which would
+    re-import the caller's main module in each) that print their result as JSON."""
+    if len(bounds) == 1:
+        return [encode_part(path, *bounds[0], out_paths[0])]
+    workers = [subprocess.Popen([sys.executable, "-m", "dist_lm.cache", path, str(start),
+                                 str(end), out], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+               for (start, end), out in zip(bounds, out_paths)]
+    try:
+        results = []
+        for worker in workers:
+            out, err = worker.communicate()
+            if worker.returncode != 0:
+                last = (err.decode(errors="replace").strip().splitlines() or [""])[-1]
+                raise UsageError(last if worker.returncode == 2 and last else
+                                 f"building the corpus cache of {path}: a worker process "
+                                 f"failed ({last or f'exit status {worker.returncode}'})")
+            result = json.loads(out)
+            results.append((result["words"], np.asarray(result["counts"], np.int64),
+                            result["has_words"]))
+        return results
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait()
+
+
+def _worker(argv: List[str]) -> int:
+    path, start, end, out_path = argv
+    try:
+        words, counts, has_words = encode_part(path, int(start), int(end), out_path)
+    except UsageError as err:
+        print(err, file=sys.stderr)
+        return 2
+    json.dump({"words": words, "counts": counts.tolist(), "has_words": has_words},
+              sys.stdout)
+    return 0
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
+        (os.cpu_count() or 1)
 
 
 def file_digest(path: str) -> dict:
@@ -131,12 +247,14 @@ def _writable(directory: str) -> bool:
 
 
 class CorpusCache:
-    def __init__(self, root: str):
+    def __init__(self, root: str, parts: Optional[int] = None):
+        """parts: how many processes build a training split's ids (default: one per
+        usable core, and none for less than MIN_PART_BYTES of text)."""
         if os.path.exists(root) and not os.path.isdir(root):
             raise UsageError(f"cache directory {root} is a file")
         if not _writable(root):
             raise UsageError(f"cache directory {root} is not writable (set --cache-dir)")
-        self.root = root
+        self.root, self.parts = root, parts
 
     @contextmanager
     def _lock(self, exclusive: bool):
@@ -176,28 +294,34 @@ class CorpusCache:
     def _build_train(self, train_path, source, min_freq, max_vocab, path):
         import gluonnlp as nlp
 
-        lookup = collections.defaultdict(itertools.count().__next__)  # word -> first-seen id
-        counts = np.zeros(0, dtype=np.int64)
-        with _staged(self.root) as provisional:
-            with open(provisional, "wb") as out:
-                for lines in read_chunks(train_path):
-                    tokens = tokens_of(lines)
-                    ids = np.fromiter(map(lookup.__getitem__, tokens), np.int32, len(tokens))
-                    ids.tofile(out)
-                    chunk_counts = np.bincount(ids, minlength=len(lookup))
-                    chunk_counts[:len(counts)] += counts
-                    counts = chunk_counts
-            words = list(lookup)  # in provisional id order
-            counter = nlp.data.Counter(dict(zip(words, counts.tolist())))
+        # One part per core: each worker numbers its own part's words; the vocabulary is
+        # built from the summed counts (GluonNLP orders by count, then by word, so the
+        # order words were first seen in does not matter) and each part's ids are mapped
+        # to the final ones with one NumPy gather.
+        parts = self.parts or max(1, min(usable_cores(), source["size"] // MIN_PART_BYTES))
+        bounds = part_bounds(train_path, parts)
+        with contextlib.ExitStack() as stack:
+            provisional = [stack.enter_context(_staged(self.root)) for _ in bounds]
+            parts = encode_parts(train_path, provisional, bounds)
+            if not any(has_words for _, _, has_words in parts):
+                raise UsageError(f"{train_path} is empty (no words)")
+            counter = nlp.data.Counter()
+            for words, counts, _ in parts:
+                for word, count in zip(words, counts.tolist()):
+                    counter[word] += count
             vocab = nlp.Vocab(counter, max_size=max_vocab, min_freq=min_freq,
                               padding_token=None, bos_token=None, eos_token=EOS)
-            final = np.asarray(vocab[words], dtype=np.int32)  # provisional -> final id
+            finals = [np.asarray(vocab[words], dtype=np.int32) for words, _, _ in parts]
             # The form every later load gives (from_json orders token_to_idx its own way),
             # so that a cold and a warm run name, digest and checkpoint the same vocabulary.
             vocab = nlp.Vocab.from_json(vocab.to_json())
             vocab_json = vocab.to_json()
-            self._write_ids(train_path, source, vocab_json,
-                            lambda out: _gather(provisional, final, out))
+
+            def write(out):
+                for part, final in zip(provisional, finals):
+                    _gather(part, final, out)
+
+            self._write_ids(train_path, source, vocab_json, write)
         _write_atomic(self.root, path, json.dumps(
             {"format": FORMAT, "source": source, "vocab": vocab_json}).encode())
         return vocab
@@ -246,6 +370,8 @@ class CorpusCache:
 
 
 def _gather(provisional: str, final: np.ndarray, out) -> None:
+    if not os.path.getsize(provisional):
+        return
     ids = np.memmap(provisional, dtype=np.int32, mode="r")
     step = 1 << 24
     for start in range(0, len(ids), step):
@@ -312,3 +438,7 @@ def _write_atomic(root: str, path: str, data: bytes) -> None:
 
 def _warn(message: str) -> None:
     print(f"dist-lm: warning: {message}", file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":  # a worker of encode_parts
+    sys.exit(_worker(sys.argv[1:]))

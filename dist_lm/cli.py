@@ -7,6 +7,7 @@
     dist-lm bench --train-file F      throughput of the reference loop and of dist-lm
     dist-lm bench-scale --dir D       start-up and memory at WikiText-103 size
     dist-lm bench-net --train-file F  the allreduce across simulated nodes, shaped links
+    dist-lm launch LAUNCHER ARGS...   run mpirun/horovodrun so that the job ends whole
 
 `main(argv)` returns the exit code and is what tests call. Errors a user can cause print
 one line, `dist-lm: error: ...`, and exit 2 on every rank. A rank whose peer failed or
@@ -212,6 +213,14 @@ def cmd_bench_net(args: argparse.Namespace) -> int:
 def main(argv: Optional[List[str]] = None) -> int:
     from .launcher_env import configure_process
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["launch"]:
+        # The supervisor of a launcher, not a rank: it must not set this process's
+        # threads (it forwards what is set here to every rank with -x) nor start MPI,
+        # and it handles signals itself. Its own arguments are the launcher's.
+        from .launch import main as launch
+
+        return launch(argv[1:])
     # SIGTERM/SIGINT: a clean stop within two steps while training, else an
     # exit that still unwinds the stack (so open files are flushed and closed).
     STOP.install()

@@ -18,7 +18,7 @@ LAUNCHER_VARS = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"
 # of a job must see the same values: `mpirun` passes a rank started over ssh only what
 # `-x` names, so a value set on the launcher's node would reach that node's ranks alone
 # (horovodrun forwards the whole environment). `configure_process` therefore makes every
-# rank's values rank 0's under mpirun, and the launcher wrapper (dist_lm/procs.py) adds
+# rank's values rank 0's under mpirun, and the launcher wrapper (dist_lm/launch.py) adds
 # `-x` for each one set where mpirun runs.
 NUMERICS_PREFIXES = ("OMP_", "KMP_", "GOMP_", "MKL_", "OPENBLAS_", "GOTO_", "BLIS_",
                      "DNNL_", "ONEDNN_", "MKLDNN_", "MXNET_")

@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import tempfile
@@ -33,6 +32,7 @@ from pathlib import Path
 from typing import Dict, List
 
 from .errors import UsageError
+from .procs import kill_session
 
 SIM = Path(__file__).resolve().parents[1] / "launch" / "sim-cluster"
 NO_NETNS = 77
@@ -123,7 +123,7 @@ def measure(cluster: Cluster, controller: str, nodes: int, args, fp16: bool) -> 
     try:
         out, err = proc.communicate(timeout=args.timeout_s)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_session(proc.pid)  # mpirun or horovodrun and every rank it started
         out, err = proc.communicate()
     lines = [x for x in out.splitlines() if "BENCH " in x]
     if proc.returncode != 0 or not lines:

@@ -12,10 +12,9 @@ from mxnet import autograd
 
 from .config import Config
 from .dist import World
-from .errors import UsageError
 from .model import SampledTokenLoss, TokenLoss
 from .regularize import regularized_loss
-from .sampling import LogUniformSampler
+from .sampling import LogUniformSampler, check_num_sampled
 
 
 def to_nd(array: np.ndarray, ctx: mx.Context) -> mx.nd.NDArray:
@@ -34,9 +33,7 @@ def sampler_for(cfg: Config, vocab_size: int) -> Optional[LogUniformSampler]:
     k = cfg.optim.sampled_softmax
     if k is None:
         return None
-    if k >= vocab_size:
-        raise UsageError(f"--sampled-softmax {k} must be smaller than the vocabulary "
-                         f"({vocab_size} words); use the full softmax instead")
+    check_num_sampled(k, vocab_size)
     return LogUniformSampler(vocab_size, k, cfg.run.seed)
 
 
@@ -77,10 +74,11 @@ class Stepper:
         self._in_flight: Optional[mx.nd.NDArray] = None  # the previous step's loss
 
     def step(self, inputs: np.ndarray, targets: np.ndarray, states,
-             lr: Optional[float] = None, step: int = 0):
+             lr: Optional[float] = None, step: Optional[int] = None):
         """inputs, targets (T, b) -> mean cross-entropy (1,), mean-gradient norm (1,),
         finite (1,) 1.0 or 0.0, states; lr: this step's learning rate (default: as it is);
-        step: the optimizer step this is (the sampled softmax's candidates depend on it).
+        step: the optimizer step this is; the sampled softmax draws its candidates from it,
+        so it is required there (a default would draw the same candidates every step).
         With AR/TAR the gradient is the objective's, and `self.terms` its [AR, TAR] (2,).
         The host stays within two steps of the device: before returning, a step waits
         for the previous step's forward pass (what is still queued keeps the device
@@ -95,6 +93,8 @@ class Stepper:
         args = [to_nd(inputs, self.ctx), to_nd(targets, self.ctx), states]
         rows = None
         if self.sampler is not None:
+            if step is None:
+                raise ValueError("Stepper.step: the sampled softmax needs the step number")
             drawn = self.sampler.draw(step)
             # candidates (K,), log expected counts of the targets (bptt, b) and of the
             # candidates (K,); ids stay exact in float32 (V < 2^24).

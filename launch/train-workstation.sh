@@ -10,7 +10,7 @@
 #   IFACE       the network interface the ranks talk over (e.g. eth0), when the hosts
 #               have several and the launcher's guess is wrong
 #   VENV        the environment made by launch/setup-env.sh (default: .venv)
-# The launcher runs under the project's wrapper (python -m dist_lm.procs, see
+# The launcher runs under the project's wrapper (dist-lm launch, see
 # docs/reliability.md): Ctrl-C or SIGTERM stops every rank with a checkpoint, a lost
 # rank or node ends the whole job with one line that names it.
 set -euo pipefail
@@ -43,7 +43,7 @@ HOSTS=${HOSTS:-localhost:$NP}
 if [ "$NP" -eq 1 ] && [ "$HOSTS" = localhost:1 ]; then
   exec dist-lm train "$@"
 fi
-supervise=(python -m dist_lm.procs)
+supervise=(dist-lm launch)
 case $CONTROLLER in
   gloo)
     # --disable-cache: horovodrun otherwise trusts for an hour an ssh check it cached in

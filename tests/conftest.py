@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -94,3 +97,39 @@ def max_param_diff(a, b):
     pa, pb = params_of(a), params_of(b)
     assert pa.keys() == pb.keys()
     return max(float(np.abs(pa[k] - pb[k]).max()) for k in pa)
+
+
+def parse_config(*argv):
+    """The Config `dist-lm train ARGV` would train with."""
+    from dist_lm.cli import build_parser
+    from dist_lm.config import config_from_args
+
+    return config_from_args(build_parser().parse_args(["train", *map(str, argv)]))
+
+
+def records(run_dir, kind):
+    """A run's metrics.jsonl records of one kind ('train', 'valid', ...)."""
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text()
+            .splitlines()]
+    return [r for r in rows if r["kind"] == kind]
+
+
+def start(cmd, log):
+    """cmd in its own session, output to the file log (for tests that signal it)."""
+    env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}", OMP_NUM_THREADS="1")
+    return subprocess.Popen([str(c) for c in cmd], stdout=open(log, "w"),
+                            stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def wait_for(log, pattern, proc, timeout=240):
+    """Until the log of a process from `start` matches pattern; fails (ending its whole
+    session) if the process exits first or the pattern does not come within timeout."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if re.search(pattern, Path(log).read_text()):
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"exited {proc.returncode} before {pattern!r}:\n{Path(log).read_text()}")
+        time.sleep(0.1)
+    kill_session(proc.pid)
+    pytest.fail(f"no {pattern!r} within {timeout}s")

@@ -9,7 +9,6 @@ import os
 import re
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import gluonnlp as nlp
@@ -17,11 +16,11 @@ import mxnet as mx
 import numpy as np
 import pytest
 
-from conftest import BIN, VALID, data_args, dist_lm, launcher, max_param_diff, run
+from conftest import (BIN, VALID, data_args, dist_lm, launcher, max_param_diff, parse_config,
+                      records, run, start, wait_for)
 from dist_lm.bptt import FixedWindows, VariableWindows, draw_seq_len
 from dist_lm.checkpoint import BASE_FORMAT, FORMAT_VERSION, Progress, format_of
-from dist_lm.cli import build_parser
-from dist_lm.config import ModelConfig, config_from_args
+from dist_lm.config import ModelConfig
 from dist_lm.data import ColumnShard
 from dist_lm.errors import UsageError
 from dist_lm.model import build_model
@@ -36,16 +35,6 @@ ZERO = dict(dropout=0.0, weight_drop=0.0, drop_h=0.0, drop_i=0.0, drop_e=0.0)
 # A tiny AWD model (3 LSTM layers) for the training runs.
 TINY_AWD = ["--model", "custom", "--family", "awd", "--embed-size", "16", "--hidden-size",
             "24", "--num-layers", "3", "--context", "cpu"]
-
-
-def parse(*argv):
-    return config_from_args(build_parser().parse_args(["train", *map(str, argv)]))
-
-
-def records(run_dir, kind):
-    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text()
-            .splitlines()]
-    return [r for r in rows if r["kind"] == kind]
 
 
 # --- AR / TAR against GluonNLP -------------------------------------------------------------
@@ -188,7 +177,7 @@ def train_here(*argv):
     from dist_lm.dist import LocalWorld
     from dist_lm.train import train
 
-    return train(parse(*argv), LocalWorld())
+    return train(parse_config(*argv), LocalWorld())
 
 
 def test_every_step_trains_the_drawn_length_at_the_scaled_lr(heldout, tmp_path, monkeypatch):
@@ -305,7 +294,7 @@ def test_fixed_bptt_checkpoints_keep_format_2_and_their_keys():
 
 @pytest.mark.parametrize("name", ["awd_lstm_lm_600", "awd_lstm_lm_1150"])
 def test_an_awd_model_brings_the_awd_recipe(name):
-    cfg = parse("--model", name)
+    cfg = parse_config("--model", name)
     o, r = cfg.optim, cfg.run
     assert (o.lr, o.wd, o.alpha, o.beta, o.clip) == (30.0, 1.2e-6, 2.0, 1.0, 0.25)
     assert (o.lr_update_interval, o.lr_update_factor) == (30, 0.1)
@@ -318,16 +307,16 @@ def test_an_awd_model_brings_the_awd_recipe(name):
 
 
 def test_the_standard_recipe_is_unchanged_and_can_be_chosen_for_an_awd_model():
-    for cfg in (parse(), parse("--model", "awd_lstm_lm_600", "--recipe", "standard")):
+    for cfg in (parse_config(), parse_config("--model", "awd_lstm_lm_600", "--recipe", "standard")):
         assert (cfg.optim.lr, cfg.optim.wd, cfg.optim.alpha, cfg.optim.beta) == \
             (20.0, 0.0, 0.0, 0.0)
         assert (cfg.run.batch_size, cfg.run.global_batch_size, cfg.run.bptt,
                 cfg.run.variable_bptt, cfg.run.eval_batch_size) == (20, None, 35, False, 20)
         assert cfg.optim.lr_update_interval is None and not cfg.optim.ntasgd
     # The AWD recipe on any model, flags over it, and a --batch-size of the user's.
-    cfg = parse("--recipe", "awd", "--bptt", "50", "--ntasgd")
+    cfg = parse_config("--recipe", "awd", "--bptt", "50", "--ntasgd")
     assert (cfg.optim.lr, cfg.run.bptt, cfg.optim.ntasgd) == (30.0, 50, True)
-    cfg = parse("--model", "awd_lstm_lm_600", "--batch-size", "16")
+    cfg = parse_config("--model", "awd_lstm_lm_600", "--batch-size", "16")
     assert (cfg.run.batch_size, cfg.run.global_batch_size) == (16, None)
 
 
@@ -345,7 +334,7 @@ def test_the_standard_recipe_is_unchanged_and_can_be_chosen_for_an_awd_model():
 ])
 def test_bad_awd_values_are_refused_with_one_line(argv, message):
     with pytest.raises(UsageError, match=message) as err:
-        parse(*argv)
+        parse_config(*argv)
     assert "\n" not in str(err.value)
 
 
@@ -371,23 +360,6 @@ def test_a_resume_that_would_lose_the_recipes_state_is_refused(heldout, tmp_path
 
 
 # --- resume after SIGTERM, bit for bit ----------------------------------------------------------
-
-def start(cmd, log):
-    env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}", OMP_NUM_THREADS="1")
-    return subprocess.Popen([str(c) for c in cmd], stdout=open(log, "w"),
-                            stderr=subprocess.STDOUT, env=env, start_new_session=True)
-
-
-def wait_for(log, pattern, proc, timeout=240):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if re.search(pattern, Path(log).read_text()):
-            return
-        if proc.poll() is not None:
-            pytest.fail(f"exited {proc.returncode} before {pattern!r}:\n{Path(log).read_text()}")
-        time.sleep(0.1)
-    os.killpg(proc.pid, signal.SIGKILL)
-    pytest.fail(f"no {pattern!r} within {timeout}s")
 
 
 def rare_word_text(train, tmp_path):
@@ -475,6 +447,31 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(scenario, heldout, tmp_
         loss = float(re.search(r"test loss ([0-9.]+)", proc.stdout).group(1))
         assert loss == pytest.approx(records(tmp_path / "part", "valid")[-1]["val/loss"],
                                      abs=1e-4)
+
+
+@pytest.mark.medium
+def test_until_it_switches_ntasgd_is_the_recipes_run_bit_for_bit(heldout, tmp_path):
+    """Before the trigger fires (it cannot before check n + 2) NT-ASGD takes, evaluates and
+    saves exactly what the recipe without it does: a budget too short for a switch gives
+    one run, not two."""
+    def train(name, *more):
+        proc = run([BIN / "dist-lm", "train", *data_args(heldout, heldout, heldout), *TINY_AWD,
+                    *AWD_FLAGS, "--epochs", "3", "--run-dir", tmp_path / name, *more],
+                   timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        return tmp_path / name
+
+    plain, nt = train("plain"), train("ntasgd", "--ntasgd", "--ntasgd-nonmono", "5")
+    assert records(nt, "ntasgd") == []
+    for name in ("final.params", "best.params"):
+        assert (plain / name).read_bytes() == (nt / name).read_bytes(), name
+
+    def numbers(run_dir, kind):  # what a record says about the model, not the clock
+        return [{k: v for k, v in r.items() if k != "time" and not k.startswith(
+            ("throughput/", "system/", "time/"))} for r in records(run_dir, kind)]
+
+    assert numbers(plain, "train") == numbers(nt, "train")
+    assert numbers(plain, "valid") == numbers(nt, "valid") and len(numbers(nt, "valid")) == 3
 
 
 # --- 2 ranks x b == 1 process x 2b ---------------------------------------------------------------

@@ -4,19 +4,15 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, parse_config
 from dist_lm.cli import build_parser
-from dist_lm.config import Config, config_from_args
+from dist_lm.config import Config
 from dist_lm.errors import UsageError
 from dist_lm.presets import PRESETS
 
 
-def parse(*argv):
-    return config_from_args(build_parser().parse_args(["train", *argv]))
-
-
 def test_defaults_are_the_reference_recipe():
-    cfg = parse()
+    cfg = parse_config()
     assert (cfg.optim.optimizer, cfg.optim.lr, cfg.optim.momentum, cfg.optim.wd) == \
         ("sgd", 20.0, 0.0, 0.0)
     assert (cfg.optim.clip, cfg.optim.lr_decay) == (0.25, 0.25)
@@ -27,7 +23,7 @@ def test_defaults_are_the_reference_recipe():
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_presets_fill_the_model_section(name):
-    cfg = parse("--model", name)
+    cfg = parse_config("--model", name)
     for key, value in PRESETS[name].items():
         assert getattr(cfg.model, key) == value
 
@@ -36,7 +32,7 @@ def test_precedence_flags_over_file_over_preset(tmp_path):
     path = tmp_path / "c.json"
     path.write_text(json.dumps({"model": {"model": "standard_lstm_lm_650", "dropout": 0.1},
                                 "run": {"bptt": 70, "batch_size": 8}}))
-    cfg = parse("--config", str(path), "--bptt", "10")
+    cfg = parse_config("--config", str(path), "--bptt", "10")
     assert cfg.model.hidden_size == 650          # preset of the file's model
     assert cfg.model.dropout == 0.1              # file over preset
     assert cfg.run.bptt == 10                    # flag over file
@@ -44,14 +40,14 @@ def test_precedence_flags_over_file_over_preset(tmp_path):
 
 
 def test_a_runs_config_json_round_trips():
-    cfg = parse("--model", "awd_lstm_lm_600", "--lr", "5")
+    cfg = parse_config("--model", "awd_lstm_lm_600", "--lr", "5")
     again = Config.from_dict(json.loads(json.dumps(cfg.to_dict())))
     assert again == cfg
 
 
 def test_boolean_flags():
-    assert parse("--no-tie-weights", "--model", "custom", "--embed-size", "8").model.tie_weights \
-        is False
+    assert parse_config("--no-tie-weights", "--model", "custom", "--embed-size",
+                        "8").model.tie_weights is False
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -67,7 +63,7 @@ def test_boolean_flags():
 ])
 def test_bad_values_are_refused_with_one_line(argv, message):
     with pytest.raises(UsageError, match=message) as err:
-        parse(*argv)
+        parse_config(*argv)
     assert "\n" not in str(err.value)
 
 
@@ -75,7 +71,7 @@ def test_unknown_keys_in_a_config_file_are_refused(tmp_path):
     path = tmp_path / "c.json"
     path.write_text(json.dumps({"run": {"batch": 3}}))
     with pytest.raises(UsageError, match=r"unknown key\(s\) \['batch'\] in 'run'"):
-        parse("--config", str(path))
+        parse_config("--config", str(path))
 
 
 def test_help_explains_every_option(capsys):

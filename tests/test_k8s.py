@@ -261,11 +261,12 @@ def test_job_shape_and_launcher(rendered):
     launcher = specs["Launcher"]["template"]["spec"]["containers"][0]
     argv = launcher["command"] + launcher["args"]
     # mpirun under the project's wrapper (signals, the end of a failed job, its last line).
-    assert argv[:4] == ["python", "-m", "dist_lm.procs", "mpirun"]
+    assert argv[:3] == ["dist-lm", "launch", "mpirun"]
     assert not any("horovodrun" in a for a in argv)
     assert "nvidia.com/gpu" not in launcher["resources"].get("limits", {})
     assert int(value_after(argv, "-np")) == workers * slots
-    mpirun_argv = argv[:argv.index("dist-lm")]
+    train_at = argv.index("train") - 1  # the ranks' command: dist-lm train ...
+    mpirun_argv = argv[:train_at]
     assert {("-bind-to", "none"), ("-map-by", "slot"), ("-x", "NCCL_DEBUG=INFO"),
             ("-x", "LD_LIBRARY_PATH"), ("-x", "PATH")} <= pairs(mpirun_argv)
     assert {("pml", "ob1"), ("btl", "^openib")} <= pairs(mpirun_argv)
@@ -278,7 +279,7 @@ def test_job_shape_and_launcher(rendered):
     assert "odls_base_sigkill_timeout" not in mpirun_argv
     assert "--allow-run-as-root" not in argv  # the image runs as mpiuser
 
-    train = argv[argv.index("dist-lm"):]
+    train = argv[train_at:]
     assert train[:2] == ["dist-lm", "train"]
     assert value_after(train, "--resume") == "auto"
     assert value_after(train, "--run-dir") == f"/runs/{job['metadata']['name']}"

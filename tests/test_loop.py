@@ -10,24 +10,12 @@ import mxnet as mx
 import numpy as np
 import pytest
 
-from conftest import TINY, data_args
+from conftest import TINY, data_args, parse_config, records
 from dist_lm.checkpoint import list_checkpoints, verify
-from dist_lm.cli import build_parser
-from dist_lm.config import config_from_args
 from dist_lm.dist import LocalWorld, global_norm
 from dist_lm.errors import NonFiniteError
 from dist_lm.lifecycle import Agreement
 from dist_lm.schedule import LRSchedule
-
-
-def config(*argv):
-    return config_from_args(build_parser().parse_args(["train", *map(str, argv)]))
-
-
-def records(run_dir, kind):
-    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text()
-            .splitlines()]
-    return [r for r in rows if r["kind"] == kind]
 
 
 # --- the schedule ------------------------------------------------------------------------
@@ -136,7 +124,7 @@ def test_the_aggregated_norm_equals_the_per_array_norm():
 def train_here(*argv):
     from dist_lm.train import train
 
-    return train(config(*argv), LocalWorld())
+    return train(parse_config(*argv), LocalWorld())
 
 
 def test_a_non_finite_step_after_the_last_log_line_stops_before_the_epoch_end(
@@ -279,7 +267,7 @@ def test_the_host_waits_for_the_device_within_two_steps(monkeypatch):
         return F.Custom(x, op_type="dist_lm_test_slow"), states
 
     monkeypatch.setattr(LSTMLM, "features", slow_features)
-    cfg = config(*TINY, "--dropout", "0")
+    cfg = parse_config(*TINY, "--dropout", "0")
     model = LSTMLM(cfg.model, 50)
     model.initialize(mx.init.Xavier())
     stepper = Stepper(model, cfg, LocalWorld(), mx.cpu())

@@ -62,10 +62,10 @@ def local_command(argv: list[str], run_dir: Path, np: int = 2,
                   train_args: list = ()) -> list[str]:
     """The launcher's argv with only what must differ here rewritten: -np, root, and the
     training options (tiny model, offline data, run dir; train_args, else 6 steps)."""
-    split = argv.index("dist-lm")
+    split = argv.index("train") - 1  # the ranks' command: dist-lm train ...
     wrapper = argv[:argv.index("mpirun")]
     mpirun, train = argv[len(wrapper):split], argv[split:]
-    assert wrapper == ["python", "-m", "dist_lm.procs"], wrapper
+    assert wrapper == ["dist-lm", "launch"], wrapper
     assert mpirun[0] == "mpirun" and train[:2] == ["dist-lm", "train"]
 
     i = mpirun.index("-np")
@@ -81,7 +81,7 @@ def local_command(argv: list[str], run_dir: Path, np: int = 2,
               "--test-file", WIKITEXT2 / "wiki.test.tokens",
               *TINY[:-2], "--context", "cpu", "--run-dir", run_dir]
     train += list(train_args) or ["--max-steps", "6", "--log-interval", "3"]
-    return [str(a) for a in [BIN / "python", *wrapper[1:], *mpirun, *train]]
+    return [str(a) for a in [BIN / "dist-lm", *wrapper[1:], *mpirun, *train]]
 
 
 def operator_env(hostfile: Path, slots: int) -> dict:

@@ -3,7 +3,7 @@
 launch/sim-cluster makes 4 "nodes" (network namespaces with their own address, host name
 and sshd; one module fixture, torn down whatever happens). The launch paths:
 launch/train-workstation.sh with HOSTS (`horovodrun --gloo -H ...` and the README's
-`mpirun -H ...`, both under the project's wrapper, python -m dist_lm.procs) and the
+`mpirun -H ...`, both under the project's wrapper, dist-lm launch) and the
 MPIJob's own launcher command (rendered from k8s/base, as tests/test_mpijob_local.py).
 
 - Equivalence: N ranks on N nodes x b columns take the same steps as 1 process x N*b
@@ -35,7 +35,8 @@ import pytest
 
 from conftest import BIN, REPO, TINY, VALID, data_args, max_param_diff, run
 from dist_lm.checkpoint import list_checkpoints, verify
-from dist_lm.procs import JobReport, forward_numerics, kill_session, rank_hosts
+from dist_lm.launch import JobReport, forward_numerics, rank_hosts
+from dist_lm.procs import kill_session
 
 SIM = REPO / "launch" / "sim-cluster"
 WORKSTATION = REPO / "launch" / "train-workstation.sh"
@@ -141,6 +142,17 @@ def wait_until_nothing_runs(cluster, deadline: float) -> float:
 def train_losses(run_dir) -> dict:
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["train/loss"] for r in rows if r["kind"] == "train"}
+
+
+def resume_on_the_healed_cluster(cluster, controller, heldout, run_dir, tmp_path,
+                                 uninterrupted) -> float:
+    """`--resume auto` of run_dir on node1..node3 runs to its end where the uninterrupted
+    run ended (assert_same_run)."""
+    (tmp_path / "again").mkdir()
+    again = Job(cluster, *workstation(controller, 3, heldout, run_dir, "--resume", "auto"),
+                tmp_path / "again")
+    assert again.wait(300) == 0, again.text()
+    return assert_same_run(uninterrupted(controller), run_dir)
 
 
 def assert_same_run(reference: Path, resumed: Path) -> float:
@@ -280,11 +292,8 @@ def test_a_remote_rank_killed_ends_the_gloo_job_and_resume_is_exact(
           f"every process {gone:.1f}s after\n{line}")
     _, step = newest_checkpoint(run_dir)
     assert step >= 20
-    (tmp_path / "again").mkdir()
-    again = Job(cluster, *workstation("gloo", 3, heldout, run_dir, "--resume", "auto"),
-                tmp_path / "again")
-    assert again.wait(300) == 0, again.text()
-    assert_same_run(uninterrupted("gloo"), run_dir)
+    resume_on_the_healed_cluster(cluster, "gloo", heldout, run_dir, tmp_path,
+                                 uninterrupted)
 
 
 @pytest.mark.dist
@@ -325,11 +334,8 @@ def test_a_node_whose_sshd_is_down_at_launch_ends_the_job_and_resume_is_exact(
     while cluster("exec", "node1", "ssh", "node3", "true", timeout=30).returncode != 0:
         assert time.monotonic() < deadline, "node3's sshd did not come back"
         time.sleep(0.2)
-    (tmp_path / "again").mkdir()
-    again = Job(cluster, *workstation("mpi", 3, heldout, run_dir, "--resume", "auto"),
-                tmp_path / "again")
-    assert again.wait(300) == 0, again.text()
-    assert_same_run(uninterrupted("mpi"), run_dir)
+    resume_on_the_healed_cluster(cluster, "mpi", heldout, run_dir, tmp_path,
+                                 uninterrupted)
 
 
 @pytest.mark.dist
@@ -408,7 +414,7 @@ def test_ranks_on_other_nodes_take_rank_0s_numerics_settings(cluster):
 @pytest.mark.dist
 def test_the_wrapper_forwards_numerics_settings_to_ranks_started_over_ssh(cluster):
     """No rank beside mpirun (the MPIJob's shape): the wrapper adds -x for them."""
-    wrapped = [BIN / "python", "-m", "dist_lm.procs", "mpirun"]
+    wrapped = [BIN / "dist-lm", "launch", "mpirun"]
     assert mpirun_ranks_print(cluster, *wrapped, configure=False, node="node4") == \
         [("0", "node1", "0"), ("1", "node2", "0")]
 
@@ -509,7 +515,7 @@ def test_the_wrapper_forwards_only_numerics_variables_set_here():
 def test_horovodruns_own_traceback_shrinks_to_its_last_line():
     from io import BytesIO
 
-    from dist_lm.procs import _relay
+    from dist_lm.launch import _relay
 
     text = (b"[0]<stderr>:Traceback (most recent call last):\n"
             b"[0]<stderr>:  File \"x.py\", line 1\n"

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import BIN, TINY, VALID, data_args, dist_lm, launcher, max_param_diff, run
+from conftest import (BIN, TINY, VALID, data_args, dist_lm, launcher, max_param_diff, run,
+                      start, wait_for)
 from dist_lm.checkpoint import list_checkpoints, verify
 from dist_lm.procs import kill_session
 
@@ -28,24 +29,6 @@ STOP_BOUND_S = 30  # Kubernetes' default grace period
 def train_args(heldout, run_dir, *extra):
     return [BIN / "dist-lm", "train", *data_args(VALID, heldout, heldout), *TINY, *COMMON,
             "--run-dir", run_dir, *extra]
-
-
-def start(cmd, log):
-    env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}", OMP_NUM_THREADS="1")
-    return subprocess.Popen([str(c) for c in cmd], stdout=open(log, "w"),
-                            stderr=subprocess.STDOUT, env=env, start_new_session=True)
-
-
-def wait_for(log, pattern, proc, timeout=240):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if re.search(pattern, Path(log).read_text()):
-            return
-        if proc.poll() is not None:
-            pytest.fail(f"exited {proc.returncode} before {pattern!r}:\n{Path(log).read_text()}")
-        time.sleep(0.2)
-    kill_session(proc.pid)
-    pytest.fail(f"no {pattern!r} within {timeout}s")
 
 
 def finish(proc, timeout):

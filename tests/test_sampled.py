@@ -3,14 +3,13 @@
 GluonNLP's sampled block on the same tensors, which rows get gradient, what the run logs,
 bad values, resume, and 2 ranks against one process under Gloo and MPI."""
 
-import json
-from pathlib import Path
 
 import mxnet as mx
 import numpy as np
 import pytest
 
-from conftest import BIN, TINY, VALID, data_args, dist_lm, launcher, max_param_diff, run
+from conftest import (BIN, TINY, VALID, data_args, dist_lm, launcher, max_param_diff,
+                      parse_config, records, run)
 from dist_lm.config import ModelConfig
 from dist_lm.model import LSTMLM, SampledTokenLoss
 from dist_lm.sampling import LogUniformSampler
@@ -93,6 +92,22 @@ def test_sampled_loss_equals_gluonnlps_sampled_block(tie):
     np.testing.assert_allclose(ours.asscalar(), theirs.asscalar(), rtol=1e-5)
 
 
+def test_a_sampled_step_needs_its_step_number():
+    """A default step would draw the same candidates at every step."""
+    from dist_lm.dist import LocalWorld
+    from dist_lm.stepper import Stepper
+
+    cfg = parse_config(*TINY, "--sampled-softmax", "12")
+    model = LSTMLM(cfg.model, 60)
+    model.initialize(mx.init.Xavier())
+    stepper = Stepper(model, cfg, LocalWorld(), mx.cpu())
+    inputs, targets, _, _ = batch()
+    with pytest.raises(ValueError, match="needs the step number"):
+        stepper.step(inputs, targets, model.begin_state(3, mx.cpu()))
+    loss, *_ = stepper.step(inputs, targets, model.begin_state(3, mx.cpu()), None, 0)
+    assert np.isfinite(loss.asscalar())
+
+
 def test_only_the_touched_rows_of_the_decoder_get_gradient():
     """What --exchange rows relies on: the tied matrix's gradient is zero outside the
     step's inputs, targets and candidates."""
@@ -121,12 +136,6 @@ RECIPE = ["--dropout", "0", "--lr", "1", "--clip", "0.1", "--max-steps", "20",
 def train_cmd(heldout, *extra):
     return [BIN / "dist-lm", "train", *data_args(VALID, heldout, heldout), *TINY, *RECIPE,
             *extra]
-
-
-def records(run_dir, kind):
-    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text()
-            .splitlines()]
-    return [r for r in rows if r["kind"] == kind]
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +173,7 @@ def test_a_sampled_run_cut_by_max_steps_resumes_exactly(heldout, tmp_path, one_p
 @pytest.mark.parametrize("value,message", [
     ("0", "--sampled-softmax must be a positive integer"),
     ("-3", "--sampled-softmax must be a positive integer"),
-    ("100000000", "must be smaller than the vocabulary"),
+    ("100000000", "must be between 1 and half the vocabulary"),
 ])
 def test_a_bad_sample_count_is_one_line_and_exit_2(value, message, heldout, tmp_path):
     proc = dist_lm("train", *data_args(heldout, heldout, heldout), *TINY, "--max-steps", "1",

@@ -77,6 +77,11 @@ class IntervalMeter:
         self.steps, self.started, self.timed_steps = 0, time.time(), 0
         return interval
 
+    def restart_clock(self) -> None:
+        """Times the open interval from now: what ran since it began (an epoch end's
+        evaluation and checkpoint) was not training, and must not lower its throughput."""
+        self.started = time.time()
+
     # --- checkpoint part ---------------------------------------------------------------
     def state_dict(self) -> dict:
         """The interval so far, reduced over ranks (every rank must call this)."""

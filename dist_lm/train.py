@@ -228,6 +228,7 @@ def end_epoch(run: Run, train_seconds: float, steps: int) -> None:
     p.epoch += 1
     run.windows.start_epoch(p)
     save(run, fresh)
+    run.meter.restart_clock()
 
 
 def pause(run: Run, states) -> None:

@@ -10,7 +10,7 @@ import urllib.request
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import BIN, TINY, VALID, data_args, dist_lm, launcher, run
+from conftest import BIN, TINY, VALID, data_args, dist_lm, launcher, records, run
 
 SCALARS = ["train/loss", "train/ppl", "train/lr", "train/grad_norm", "train/clipped_fraction",
            "throughput/tokens_per_s", "throughput/samples_per_s",
@@ -39,6 +39,22 @@ def two_rank_run(tmp_path_factory, heldout, short_text):
                         "--batch-size", "5", "--run-dir", run_dir), timeout=300)
     assert proc.returncode == 0, proc.stderr
     return run_dir, proc.stdout
+
+
+def test_the_first_log_line_of_an_epoch_does_not_time_the_evaluation_before_it(short_text,
+                                                                               tmp_path):
+    """Validation and test on the whole WikiText-2 validation split take the tiny model far
+    longer than 6 steps. The interval that starts an epoch began when the previous one's
+    evaluation ended (after its records and checkpoint), so the seconds its throughput
+    implies fit between the record just before it and its own."""
+    proc = run([BIN / "dist-lm", "train", *data_args(short_text, VALID, VALID), *TINY, *ARGS,
+                "--batch-size", "10", "--run-dir", tmp_path], timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = metrics(tmp_path)
+    (first,) = [i for i, r in enumerate(rows) if r["kind"] == "train" and r["step"] == 18]
+    assert rows[first - 1]["kind"] in ("valid", "test") and records(tmp_path, "test")
+    seconds = 10 * 6 / rows[first]["throughput/samples_per_s"]  # 6 steps of 10 columns
+    assert seconds < rows[first]["time"] - rows[first - 1]["time"], (seconds, rows)
 
 
 def metrics(run_dir):

@@ -12,10 +12,14 @@ CONTROLLER ?= mpi
 PYTEST_ARGS ?=
 export VENV VARIANT
 
-.PHONY: setup train test test-fast bench clean
+.PHONY: setup setup-tests train test test-fast bench clean
 
 setup:
 	@bash launch/setup-env.sh
+
+# The tests also need sshd and ip, for launch/sim-cluster's simulated nodes.
+setup-tests:
+	@FOR_TESTS=1 bash launch/setup-env.sh
 
 # The main job, the reference notebook's: standard_lstm_lm_200 trained on WikiText-2's
 # training split for 3 epochs, validated on its valid split and tested on its test split,
@@ -30,12 +34,12 @@ train: setup
 	  --cache-dir $(CACHE_DIR) --run-dir $(RUN_DIR) --resume auto $(ARGS)
 	@echo "make train: TensorBoard logs in $(RUN_DIR)"
 
-test: setup
+test: setup-tests
 	@$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 # The fast tier, a quick check while editing: the suite without the tests marked dist
 # (several ranks), slow (training end to end) or medium (seconds each).
-test-fast: setup
+test-fast: setup-tests
 	@$(VENV)/bin/python -m pytest -m "not dist and not slow and not medium" $(PYTEST_ARGS)
 
 bench: setup

@@ -377,6 +377,9 @@ def run(args: argparse.Namespace) -> int:
         # Checked now, not after an hour of measuring.
         raise UsageError(f"--json {args.json}: its directory does not exist")
     if args.sampled_softmax is not None:
+        if args.sampled_softmax < 1:  # before the corpus cache is built, not after
+            raise UsageError(f"--sampled-softmax must be at least 1, got "
+                             f"{args.sampled_softmax}")
         if any(v.startswith("reference") for v in variants):
             raise UsageError("--sampled-softmax: the reference variants have no sampled "
                              "softmax; choose dist-lm variants with --variants")

@@ -34,6 +34,7 @@ import codecs
 import collections
 import contextlib
 import fcntl
+import glob
 import hashlib
 import itertools
 import json
@@ -42,7 +43,7 @@ import subprocess
 import sys
 import tempfile
 from contextlib import contextmanager
-from typing import Iterator, List, Optional, Tuple
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -61,8 +62,8 @@ CHUNK_BYTES = 8 << 20  # ~1.6M tokens of text per chunk: ~100 MB of transient st
 class TextReader:
     """Bytes [start, end) of a file as lines, as `str.splitlines` splits the whole text, a
     chunk at a time; `has_words` tells afterwards whether any line held a word. start must
-    follow a b"\n" (see `part_bounds`). Raises UsageError for an unreadable, binary or
-    non-UTF-8 file."""
+    follow a b"\n" and end must too, or be the file's end (see `part_bounds`). Raises
+    UsageError for an unreadable, binary or non-UTF-8 file."""
 
     def __init__(self, path: str, start: int = 0, end: Optional[int] = None):
         self.path, self.start, self.end = path, start, end
@@ -142,19 +143,23 @@ def tokens_of(lines: List[str]) -> List[str]:
     return tokens
 
 
-def encode_part(path: str, start: int, end: int, out_path: str):
+def encode_part(path: str, start: int, end: int, out_path: str,
+                orphaned: Callable[[], bool] = lambda: False):
     """Writes the ids of bytes [start, end) of path to out_path as int32 in this part's own
     provisional numbering (first seen, first numbered) and returns (words in that order,
     their counts (words,) int64, whether the part held a word).
 
     Counting and encoding run at C speed: a dict with a counting default hands out the
     provisional ids (`map` over `__getitem__`, no per-token Python loop). A module-level
-    function, so that worker processes can run it on their part."""
+    function, so that worker processes can run it on their part; orphaned() is asked
+    once a chunk (a worker stops when the build that started it has ended)."""
     lookup = collections.defaultdict(itertools.count().__next__)
     counts = np.zeros(0, dtype=np.int64)
     reader = TextReader(path, start, end)
     with open(out_path, "wb") as out:
         for lines in reader:
+            if orphaned():
+                raise UsageError(f"{path}: the build this part was for has ended")
             tokens = tokens_of(lines)
             ids = np.fromiter(map(lookup.__getitem__, tokens), np.int32, len(tokens))
             ids.tofile(out)
@@ -172,18 +177,21 @@ def encode_parts(path: str, out_paths: List[str], bounds: List[Tuple[int, int]])
     if len(bounds) == 1:
         return [encode_part(path, *bounds[0], out_paths[0])]
     workers = [subprocess.Popen([sys.executable, "-m", "dist_lm.cache", path, str(start),
-                                 str(end), out], stdout=subprocess.PIPE,
+                                 str(end), out, str(os.getpid())], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE)
                for (start, end), out in zip(bounds, out_paths)]
     try:
         results = []
         for worker in workers:
             out, err = worker.communicate()
-            if worker.returncode != 0:
+            code = worker.returncode
+            if code != 0:
                 last = (err.decode(errors="replace").strip().splitlines() or [""])[-1]
-                raise UsageError(last if worker.returncode == 2 and last else
+                how = (f"killed by signal {-code}" if code < 0 else
+                       last or f"exit status {code}")
+                raise UsageError(last if code == 2 and last else
                                  f"building the corpus cache of {path}: a worker process "
-                                 f"failed ({last or f'exit status {worker.returncode}'})")
+                                 f"failed ({how})")
             result = json.loads(out)
             results.append((result["words"], np.asarray(result["counts"], np.int64),
                             result["has_words"]))
@@ -196,9 +204,10 @@ def encode_parts(path: str, out_paths: List[str], bounds: List[Tuple[int, int]])
 
 
 def _worker(argv: List[str]) -> int:
-    path, start, end, out_path = argv
+    path, start, end, out_path, parent = argv
     try:
-        words, counts, has_words = encode_part(path, int(start), int(end), out_path)
+        words, counts, has_words = encode_part(path, int(start), int(end), out_path,
+                                               lambda: os.getppid() != int(parent))
     except UsageError as err:
         print(err, file=sys.stderr)
         return 2
@@ -249,7 +258,8 @@ def _writable(directory: str) -> bool:
 class CorpusCache:
     def __init__(self, root: str, parts: Optional[int] = None):
         """parts: how many processes build a training split's ids (default: one per
-        usable core, and none for less than MIN_PART_BYTES of text)."""
+        MIN_PART_BYTES of text, at most one per usable core; a single part is built in
+        this process)."""
         if os.path.exists(root) and not os.path.isdir(root):
             raise UsageError(f"cache directory {root} is a file")
         if not _writable(root):
@@ -274,7 +284,12 @@ class CorpusCache:
             return found
         with self._lock(exclusive=True):
             found = check()
-            return found if found is not None else build()
+            if found is not None:
+                return found
+            # Every staged file is written under this lock: any left is a killed build's.
+            for stale in glob.glob(os.path.join(self.root, ".build-*")):
+                os.unlink(stale)
+            return build()
 
     # --- vocabulary of a training split ---------------------------------------------------
     def vocab(self, train_path: str, min_freq: int, max_vocab: Optional[int]):
@@ -302,16 +317,16 @@ class CorpusCache:
         bounds = part_bounds(train_path, parts)
         with contextlib.ExitStack() as stack:
             provisional = [stack.enter_context(_staged(self.root)) for _ in bounds]
-            parts = encode_parts(train_path, provisional, bounds)
-            if not any(has_words for _, _, has_words in parts):
+            results = encode_parts(train_path, provisional, bounds)
+            if not any(has_words for _, _, has_words in results):
                 raise UsageError(f"{train_path} is empty (no words)")
             counter = nlp.data.Counter()
-            for words, counts, _ in parts:
+            for words, counts, _ in results:
                 for word, count in zip(words, counts.tolist()):
                     counter[word] += count
             vocab = nlp.Vocab(counter, max_size=max_vocab, min_freq=min_freq,
                               padding_token=None, bos_token=None, eos_token=EOS)
-            finals = [np.asarray(vocab[words], dtype=np.int32) for words, _, _ in parts]
+            finals = [np.asarray(vocab[words], dtype=np.int32) for words, _, _ in results]
             # The form every later load gives (from_json orders token_to_idx its own way),
             # so that a cold and a warm run name, digest and checkpoint the same vocabulary.
             vocab = nlp.Vocab.from_json(vocab.to_json())

@@ -11,10 +11,12 @@ launcher, launch/train-workstation.sh):
   a daemon on a partitioned node for many minutes, so after that its session is killed
   (every process it started on this node; the ranks elsewhere end when their daemon or
   ssh session does, or by their own watchdog);
-- a first SIGTERM/SIGINT asks the ranks to stop with a checkpoint: mpirun forwards
-  SIGUSR1 to every rank at once (dist-lm treats it as SIGTERM), whereas its own SIGTERM
-  handling sends the ranks SIGCONT, waits odls_base_sigkill_timeout, and only then
-  SIGTERM; a second signal ends the launcher (mpirun: SIGTERM), a third kills its session;
+- a first SIGTERM/SIGINT/SIGHUP asks the ranks to stop with a checkpoint. Under mpirun it
+  becomes SIGUSR1, which mpirun forwards to every rank at once (dist-lm treats it as
+  SIGTERM), whereas its own SIGTERM handling sends the ranks SIGCONT, waits
+  odls_base_sigkill_timeout, and only then SIGTERM; a second signal is mpirun's SIGTERM
+  and a third kills its session. horovodrun gets the first as SIGTERM (SIGINT as
+  SIGINT) and gives its workers 5 s before it kills them; a second kills its session;
 - under mpirun it forwards (`-x`) every variable that changes numerics or threading
   (launcher_env.numerics_env) set here, as horovodrun does with the whole environment:
   ranks started over ssh see only what `-x` names.
@@ -33,6 +35,7 @@ import threading
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from .errors import RanksOutOfSync
 from .procs import kill_session
 
 
@@ -234,6 +237,16 @@ class JobReport:
             self.rank_lines.append((m.group(1), int(m.group(2)), m.group(3) or "",
                                     m.group(4)))
 
+    def failed_exits(self) -> List[Tuple[int, int]]:
+        with self.lock:
+            return self._failed_exits()
+
+    def _failed_exits(self) -> List[Tuple[int, int]]:
+        """(rank, code) of the ranks that failed, causes first: a rank that lost its peer
+        (exit code 4) is the symptom of another's end."""
+        return sorted(((r, c) for r, c in self.exits if c != 0),
+                      key=lambda e: e[1] == RanksOutOfSync.exit_code)
+
     def host_of(self, rank: int) -> Optional[str]:
         if self.hosts and 0 <= rank < len(self.hosts):
             return self.hosts[rank]
@@ -253,6 +266,14 @@ class JobReport:
               probe=None) -> Tuple[str, str]:
         """('error' or 'stopped', the sentence) for a launcher that exited with `code`."""
         with self.lock:
+            stops = [r for r in self.rank_lines if r[0] == "stopped"]
+            errors = [r for r in self.rank_lines if r[0] == "error"]
+            causes = [r for r in errors if not any(s in r[3] for s in SYMPTOM)]
+            if stopped_by_signal and stops and not causes:
+                # Asked to stop, and ranks did so with a checkpoint: what the launcher's
+                # ssh sessions said while the job came down is not the story.
+                _, rank, host, text = stops[0]
+                return "stopped", f"[{self.where(rank, host)}] {text}"
             if self.signal_deaths:
                 rank, node, sig = self.signal_deaths[0]
                 if not (stopped_by_signal and sig.startswith(("15 ", "10 "))):
@@ -267,9 +288,6 @@ class JobReport:
             if self.lost_nodes:
                 node = self.lost_nodes[0]
                 return "error", f"lost contact with {node}{self.ranks_on(node)}"
-            stops = [r for r in self.rank_lines if r[0] == "stopped"]
-            errors = [r for r in self.rank_lines if r[0] == "error"]
-            causes = [r for r in errors if not any(s in r[3] for s in SYMPTOM)]
             if causes:
                 _, rank, host, text = causes[0]
                 return "error", f"[{self.where(rank, host)}] {text}"
@@ -277,7 +295,7 @@ class JobReport:
                 _, rank, host, text = stops[0]
                 return "stopped", f"[{self.where(rank, host)}] {text}"
             gloo_peers = list(self.gloo_peers)
-            exits = [(r, c) for r, c in self.exits if c != 0]
+            exits = self._failed_exits()
             peer_hosts = list(self.peer_hosts)
             symptom = errors[0] if errors else None
         # Something stopped answering: find which node does not answer ssh now.
@@ -307,6 +325,8 @@ class JobReport:
         if self.daemon_failed:
             return "error", "mpirun could not start or lost one of its daemons on the " \
                             "other nodes"
+        if code < 0:
+            return "error", f"the launcher was killed by signal {-code} ({signal_name(-code)})"
         return "error", f"the launcher exited with code {code}"
 
 
@@ -314,13 +334,13 @@ def exit_meaning(code: int) -> str:
     if code > 128 and code - 128 < 65:
         return f" (killed by signal {code - 128} ({signal_name(code - 128)}))"
     return {2: " (bad input)", 3: " (non-finite values)",
-            4: " (a peer rank was lost or ranks went out of step)",
-            143: " (stopped by SIGTERM)"}.get(code, "")
+            4: " (a peer rank was lost or ranks went out of step)"}.get(code, "")
 
 
 def signal_name(number: int) -> str:
+    """As the C library says it: 9 -> 'Killed', 15 -> 'Terminated'."""
     try:
-        return signal.Signals(number).name.replace("SIG", "").title()
+        return signal.strsignal(number) or "unknown"
     except ValueError:
         return "unknown"
 
@@ -412,34 +432,69 @@ def _relay(stream, sink, report: JobReport, drop_tracebacks: bool = False) -> No
     stream.close()
 
 
+# SIGHUP: the terminal or ssh session that started the job went away; a stop like the
+# others.
+STOPS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def pass_on(pid: int, kind: str, count: int, signum: int) -> None:
+    """The count-th stop signal to the launcher (see the module docstring)."""
+    try:
+        if count == 1 and kind == "mpirun":
+            os.kill(pid, signal.SIGUSR1)   # forwarded to every rank at once
+        elif count == 1:
+            os.kill(pid, signal.SIGINT if signum == signal.SIGINT else signal.SIGTERM)
+        elif count == 2 and kind == "mpirun":
+            os.kill(pid, signal.SIGTERM)
+        else:
+            kill_session(pid, wait_s=5)
+    except ProcessLookupError:
+        pass
+
+
 def supervise(argv: List[str], grace_s: float = 20.0, probe_timeout_s: float = 5.0) -> int:
     """Runs the launcher argv to its end (see the module docstring); returns its exit
-    code (or, when it had to be killed, the failed rank's, else 1)."""
+    code (128 + N when signal N ended it; when it had to be killed, the failed rank's,
+    else 1)."""
     kind = launcher_kind(argv)
     if kind == "mpirun":
         argv = forward_numerics(argv)
     report = JobReport(kind, rank_hosts(argv))
-    try:
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
-    except OSError as err:
-        print(f"dist-lm: error: cannot start {argv[0]}: {err.strerror}", file=sys.stderr)
-        return 127
     signals: List[int] = []
+    passed: List[int] = []                      # of signals, those passed on
+    started: List[subprocess.Popen] = []
+
+    def pass_signals() -> None:
+        while started and len(passed) < len(signals):
+            passed.append(signals[len(passed)])
+            pass_on(started[0].pid, kind, len(passed), passed[-1])
 
     def on_signal(signum, frame):
         signals.append(signum)
-        try:
-            if len(signals) == 1 and kind == "mpirun":
-                os.kill(proc.pid, signal.SIGUSR1)   # forwarded to every rank at once
-            elif len(signals) == 1 or (len(signals) == 2 and kind == "mpirun"):
-                os.kill(proc.pid, signal.SIGTERM if len(signals) == 2 else signum)
-            else:
-                kill_session(proc.pid, wait_s=5)
-        except ProcessLookupError:
-            pass
+        pass_signals()
 
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    # Installed before the launcher starts: a signal in between would otherwise end this
+    # process and leave the launcher, in its own session, running. Restored only after
+    # the final line, which a signal must not cut short either.
+    previous = {s: signal.signal(s, on_signal) for s in STOPS}
+    try:
+        try:
+            proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
+        except OSError as err:
+            print(f"dist-lm: error: cannot start {argv[0]}: {err.strerror}",
+                  file=sys.stderr)
+            return 127
+        started.append(proc)
+        pass_signals()  # those that came while it started
+        return _watch(proc, argv, kind, report, signals, grace_s, probe_timeout_s)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _watch(proc: subprocess.Popen, argv: List[str], kind: str, report: JobReport,
+           signals: List[int], grace_s: float, probe_timeout_s: float) -> int:
     relays = [threading.Thread(target=_relay, daemon=True,
                                args=(stream, sink, report, kind == "horovodrun"))
               for stream, sink in ((proc.stdout, sys.stdout.buffer),
@@ -463,12 +518,12 @@ def supervise(argv: List[str], grace_s: float = 20.0, probe_timeout_s: float = 5
         kill_session(proc.pid)
         for t in relays:
             t.join(timeout=10)
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+    except BaseException:
+        kill_session(proc.pid)
+        raise
     if killed:
-        failed = [c for _, c in report.exits if c != 0]
-        code = failed[0] if failed else 1
+        failed = report.failed_exits()
+        code = failed[0][1] if failed else 1
     if code == 0 and not killed:
         return 0
     hosts = report.hosts or []
@@ -480,7 +535,7 @@ def supervise(argv: List[str], grace_s: float = 20.0, probe_timeout_s: float = 5
           f"{sentence}", file=sys.stderr, flush=True)
     if verdict == "stopped":
         return 143  # what the ranks said; horovodrun reports 1 whatever they did
-    return code if code > 0 else 1
+    return code if code > 0 else 128 - code if code < 0 else 1
 
 
 USAGE = """usage: dist-lm launch [--grace S] LAUNCHER [ARGS...]

@@ -84,7 +84,11 @@ class Cluster:
         return done
 
     def __enter__(self) -> "Cluster":
-        self.sim("up", str(self.nodes))
+        try:
+            self.sim("up", str(self.nodes))
+        except BaseException:  # a half-made cluster (or Ctrl-C during it) is torn down too
+            self.sim("down", check=False)
+            raise
         return self
 
     def __exit__(self, *exc) -> None:

@@ -13,7 +13,8 @@ and runs `dist-lm train` (standard_lstm_lm_200, full softmax, global batch 20 x 
 mpirun at each rank count until its first training step, printing for each run the wall
 time from launch to that step's log line and the peak resident memory (VmHWM) of the
 largest process (a rank) by then: on each corpus with an empty corpus cache (cold) and
-with the cache built (warm). A cold start builds the cache in worker processes (one per
+with the cache built (warm); each run's output goes to DIR/startup-*.log. A cold start
+builds the cache in worker processes (one per
 core) that are not ranks; their peak is not in the figure.
 
 Then, at the corpus's vocabulary (267,735 by default), on the small corpus:
@@ -107,10 +108,11 @@ def prefix_with_every_word(src: str, dst: str, tokens: int, vocab: int) -> None:
     os.replace(dst + ".tmp", dst)
 
 
-def measure(cmd, timeout: float) -> dict:
+def measure(cmd, timeout: float, log: str) -> dict:
     """Runs cmd until its first training step's log line: the seconds from launch to that
     line, and the peak resident memory (VmHWM) of its largest process, a rank; then ends
-    the whole job (the rest of a run, such as its validation, is not measured)."""
+    the whole job (the rest of a run, such as its validation, is not measured). The job's
+    output until then is written to the file log."""
     start = time.time()
     proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -129,9 +131,11 @@ def measure(cmd, timeout: float) -> dict:
     finally:
         kill_session(proc.pid)
         proc.wait()
+        with open(log, "w", encoding="utf-8") as fh:
+            fh.writelines(seen)
     if first is None:
-        raise UsageError(f"bench-scale: no first step from {' '.join(map(str, cmd[:3]))}...: "
-                         f"{''.join(seen[-3:]).strip()}")
+        raise UsageError(f"bench-scale: no first step from {' '.join(map(str, cmd[:3]))}... "
+                         f"(its output: {log})")
     return {"first_step_s": first, "peak_rss_mb": peak}
 
 
@@ -192,8 +196,10 @@ def startup(args, ranks, big, small, heldout) -> None:
                    "--train-file", corpus, "--valid-file", heldout, "--test-file", heldout,
                    "--global-batch-size", "20", "--max-steps", "1", "--log-interval", "1",
                    "--context", "cpu", "--cache-dir", cache, "--run-dir", run_dir]
-            result = measure(cmd, args.timeout_s)
-            print(f"{os.path.basename(corpus).split('.')[0]:<8} {state:<6} {n:>5} "
+            name = os.path.basename(corpus).split('.')[0]
+            result = measure(cmd, args.timeout_s,
+                             os.path.join(args.dir, f"startup-{name}-{state}-{n}.log"))
+            print(f"{name:<8} {state:<6} {n:>5} "
                   f"{result['first_step_s']:>21.1f} {result['peak_rss_mb']:>12.0f}",
                   flush=True)
 

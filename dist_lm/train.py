@@ -145,6 +145,7 @@ def fit(run: Run, states) -> dict:
     while p.epoch < cfg.run.epochs and (p.step < max_steps or windows.done(p)):
         run.reporter.epoch_start(p.epoch, p.batch)
         epoch_start, epoch_first_step = time.time(), p.step
+        run.meter.restart_clock()  # not the evaluation, checkpoint or resume before it
         if states is None:
             states = run.model.begin_state(cfg.run.batch_size, run.ctx)
         while not windows.done(p) and p.step < max_steps:
@@ -228,7 +229,6 @@ def end_epoch(run: Run, train_seconds: float, steps: int) -> None:
     p.epoch += 1
     run.windows.start_epoch(p)
     save(run, fresh)
-    run.meter.restart_clock()
 
 
 def pause(run: Run, states) -> None:

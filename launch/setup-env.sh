@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the project's environment in $VENV (default .venv), idempotently:
-#   1. OpenMPI, a C++ toolchain, and openssh-server + iproute2 (for launch/sim-cluster)
-#      from Debian packages, when missing;
+#   1. OpenMPI, a C++ toolchain and the ssh client (mpirun and horovodrun reach other
+#      hosts over ssh) from Debian packages, when missing; with FOR_TESTS=1 (`make test`)
+#      also openssh-server and iproute2, for launch/sim-cluster's simulated nodes;
 #   2. the pinned Python stack from launch/constraints.txt and dist-lm itself (editable);
 #   3. Horovod built from source with MXNet, Gloo and MPI (+ NCCL for VARIANT=gpu),
 #      checked with `horovodrun --check-build`.
@@ -17,6 +18,7 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 root=$(dirname "$here")
 VENV=${VENV:-$root/.venv}
 VARIANT=${VARIANT:-cpu}
+FOR_TESTS=${FOR_TESTS:-0}
 PYTHON=${PYTHON:-python3}
 HOROVOD_VERSION=0.28.1
 constraints=$here/constraints.txt
@@ -36,10 +38,16 @@ horovod_key="$VARIANT-$HOROVOD_VERSION-$(grep -E '^(mxnet|mxnet-cu112|numpy)==' 
 stamp_python=$VENV/.dist-lm-python.stamp
 stamp_horovod=$VENV/.dist-lm-horovod.stamp
 
+packages=(libopenmpi-dev openmpi-bin cmake g++ make openssh-client)
+# openssh-server only for its sshd binary (launch/sim-cluster starts its own sshds in
+# network namespaces); note that on a host booted with systemd the package also enables
+# and starts the host's ssh service, which is why only the tests ask for it.
+[ "$FOR_TESTS" = 1 ] && packages+=(openssh-server iproute2)
 have_system_tools() {
   command -v mpirun >/dev/null && command -v mpicc >/dev/null &&
-    command -v cmake >/dev/null && command -v g++ >/dev/null &&
-    [ -x /usr/sbin/sshd ] && { command -v ip >/dev/null || [ -x /usr/sbin/ip ]; }
+    command -v cmake >/dev/null && command -v g++ >/dev/null && command -v ssh >/dev/null &&
+    { [ "$FOR_TESTS" != 1 ] ||
+      { [ -x /usr/sbin/sshd ] && { command -v ip >/dev/null || [ -x /usr/sbin/ip ]; }; }; }
 }
 
 if have_system_tools && [ -x "$VENV/bin/python" ] &&
@@ -50,19 +58,16 @@ fi
 
 # 1. System packages.
 if ! have_system_tools; then
-  log "installing OpenMPI, build tools, openssh-server and iproute2 (apt-get)"
+  log "installing ${packages[*]} (apt-get)"
   sudo=""
   if [ "$(id -u)" -ne 0 ]; then
-    command -v sudo >/dev/null || die "OpenMPI/cmake/g++/sshd/ip are missing and this user cannot run apt-get; install libopenmpi-dev openmpi-bin cmake g++ openssh-server iproute2"
+    command -v sudo >/dev/null || die "system tools are missing and this user cannot run apt-get; install ${packages[*]}"
     sudo=sudo
   fi
-  # openssh-server only for its sshd binary (launch/sim-cluster starts its own sshds in
-  # network namespaces); note that on a host booted with systemd the package also enables
-  # and starts the host's ssh service.
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
-    libopenmpi-dev openmpi-bin cmake g++ make openssh-server iproute2 >/dev/null
-  have_system_tools || die "apt-get finished but mpirun/mpicc/cmake/g++/sshd/ip are still missing"
+    "${packages[@]}" >/dev/null
+  have_system_tools || die "apt-get finished but some of ${packages[*]} are still missing"
 fi
 
 # 2. Python stack.

@@ -20,6 +20,11 @@ export PATH="$VENV/bin:$PATH"
 CONTROLLER=${CONTROLLER:-gloo}
 HOSTS=${HOSTS:-}
 
+# Checked before its slots are summed, which bash arithmetic would do with any word.
+if [ -n "$HOSTS" ] && ! [[ $HOSTS =~ ^[A-Za-z0-9._-]+(:[1-9][0-9]*)?(,[A-Za-z0-9._-]+(:[1-9][0-9]*)?)*$ ]]; then
+  echo "train-workstation: HOSTS must be host:slots,host:slots,... not '$HOSTS'" >&2
+  exit 2
+fi
 if [ -z "${NP:-}" ] && [ -n "$HOSTS" ]; then
   NP=0
   for slot in ${HOSTS//,/ }; do
@@ -32,10 +37,6 @@ if [ -z "${NP:-}" ]; then
 fi
 if ! [[ $NP =~ ^[1-9][0-9]*$ ]]; then
   echo "train-workstation: NP must be a positive integer, not '$NP'" >&2
-  exit 2
-fi
-if [ -n "$HOSTS" ] && ! [[ $HOSTS =~ ^[A-Za-z0-9._-]+(:[1-9][0-9]*)?(,[A-Za-z0-9._-]+(:[1-9][0-9]*)?)*$ ]]; then
-  echo "train-workstation: HOSTS must be host:slots,host:slots,... not '$HOSTS'" >&2
   exit 2
 fi
 HOSTS=${HOSTS:-localhost:$NP}

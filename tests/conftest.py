@@ -1,7 +1,9 @@
-"""Shared test helpers: paths to the shared WikiText-2 splits, and a bounded CLI runner."""
+"""Shared test helpers: paths to the shared WikiText-2 splits, a bounded CLI runner, and
+launch/sim-cluster's simulated clusters."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -133,3 +135,77 @@ def wait_for(log, pattern, proc, timeout=240):
         time.sleep(0.1)
     kill_session(proc.pid)
     pytest.fail(f"no {pattern!r} within {timeout}s")
+
+
+# --- launch/sim-cluster -------------------------------------------------------------------------
+
+SIM = REPO / "launch" / "sim-cluster"
+NO_NETNS = 77  # the script's exit code when this machine cannot create network namespaces
+
+
+def alive(pid: int) -> bool:
+    """Running: a zombie (its parent, init here, reaps it in a while) counts as gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return not re.search(r"^State:\s+[ZX]", status, re.M)
+
+
+class Sim:
+    """One cluster: launch/sim-cluster with this prefix and state directory."""
+
+    def __init__(self, prefix: str, state: Path):
+        self.prefix, self.state = prefix, state
+        self.env = {"SIM_PREFIX": prefix, "SIM_STATE_DIR": str(state)}
+        self.ssh_config = state / "ssh_config"
+
+    def __call__(self, *args, timeout=120):
+        return run([SIM, *args], env=self.env, timeout=timeout)
+
+    def ok(self, *args, timeout=120):
+        done = self(*args, timeout=timeout)
+        assert done.returncode == 0, f"sim-cluster {args} exited {done.returncode}\n" \
+                                     f"stdout:\n{done.stdout}\nstderr:\n{done.stderr}"
+        return done
+
+    def on(self, node, *cmd, timeout=120):
+        return self.ok("exec", node, *cmd, timeout=timeout)
+
+    def up(self, n: int):
+        done = self("up", n)
+        if done.returncode == NO_NETNS:
+            pytest.skip(done.stderr.strip().splitlines()[-1])
+        assert done.returncode == 0, f"up {n}: exit {done.returncode}\n{done.stdout}{done.stderr}"
+        return done
+
+    def namespaces(self):
+        listed = run(["ip", "netns", "list"]).stdout.split("\n")
+        return [line.split()[0] for line in listed
+                if re.match(rf"{self.prefix}-(br|node\d+)\b", line)]
+
+    def etc_dirs(self):
+        return sorted(Path("/etc/netns").glob(f"{self.prefix}-*"))
+
+    def sshd_pids(self):
+        return {p.parent.name: int(p.read_text()) for p in self.state.glob("node*/sshd.pid")}
+
+    def assert_gone(self, pids):
+        assert self.namespaces() == []
+        assert self.etc_dirs() == []
+        assert not self.state.exists()
+        deadline = time.monotonic() + 10
+        while any(alive(p) for p in pids.values()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [p for p in pids.values() if alive(p)], pids
+
+
+@contextlib.contextmanager
+def sim_cluster(prefix: str, tmp_path_factory, nodes: int):
+    """A cluster of `nodes` nodes for a module's tests, torn down whatever happens."""
+    sim = Sim(prefix, tmp_path_factory.mktemp(prefix) / "state")
+    try:
+        sim.up(nodes)
+        yield sim
+    finally:
+        sim("down")

@@ -2,7 +2,9 @@
 verified on every use, rebuilt when stale or damaged, safe with two builders at once."""
 
 import os
+import signal
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -104,11 +106,42 @@ def test_a_build_in_parts_equals_the_build_in_one(tmp_path, parts):
     assert sorted(os.listdir(tmp_path / "many")) == sorted(os.listdir(tmp_path / "one"))
 
 
-def test_a_failing_worker_is_one_line_and_leaves_no_process(tmp_path):
-    bounds = C.part_bounds(str(VALID), 2)
-    outs = [str(tmp_path / "a.i32"), str(tmp_path / "no-such-dir" / "b.i32")]
-    with pytest.raises(UsageError, match=r"a worker process failed \(FileNotFoundError"):
-        C.encode_parts(str(VALID), outs, bounds)
+def test_a_failing_worker_is_one_line_and_leaves_no_process(tmp_path, monkeypatch):
+    """The first worker fails; the second, still running then (here it sleeps), is
+    killed and reaped, and the error is one line."""
+    spawned, real = [], subprocess.Popen
+
+    def popen(cmd, **kwargs):
+        if spawned:
+            cmd = [sys.executable, "-c", "import time; time.sleep(600)"]
+        spawned.append(real(cmd, **kwargs))
+        return spawned[-1]
+
+    monkeypatch.setattr(C.subprocess, "Popen", popen)
+    outs = [str(tmp_path / "no-such-dir" / "a.i32"), str(tmp_path / "b.i32")]
+    with pytest.raises(UsageError, match=r"a worker process failed \(FileNotFoundError") as err:
+        C.encode_parts(str(VALID), outs, C.part_bounds(str(VALID), 2))
+    assert "\n" not in str(err.value)
+    assert [w.returncode for w in spawned] == [1, -signal.SIGKILL]
+
+
+def test_a_worker_stops_when_the_build_that_started_it_has_ended(tmp_path):
+    """A builder killed outright (SIGKILL, an aborting job) runs no cleanup: its workers
+    notice that their parent is gone and stop at the next chunk."""
+    size = os.path.getsize(VALID)
+    proc = subprocess.run([sys.executable, "-m", "dist_lm.cache", str(VALID), "0", str(size),
+                           str(tmp_path / "part.i32"), str(os.getpid() + 10 ** 6)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip() == f"{VALID}: the build this part was for has ended"
+
+
+def test_a_killed_builds_staged_files_are_removed_by_the_next_build(tmp_path, heldout):
+    root = tmp_path / "c"
+    cache = C.CorpusCache(str(root))
+    (root / ".build-left-by-a-killed-build").write_bytes(b"\0" * 4096)
+    cache.ids(str(heldout), cache.vocab(str(heldout), 1, None))
+    assert [n for n in os.listdir(root) if n.startswith(".build-")] == []
 
 
 @pytest.mark.parametrize("content,message", [
@@ -266,7 +299,9 @@ def test_the_scale_bench_runs_on_a_small_synthetic_corpus(tmp_path):
     proc = dist_lm("bench-scale", "--dir", tmp_path, "--tokens", "60000", "--small-tokens",
                    "20000", "--vocab", "1000", "--ranks", "1,2", "--sampled-softmax", "100",
                    "--steps", "2", timeout=900)
-    assert proc.returncode == 0, proc.stderr
+    logs = {f.name: f.read_text() for f in sorted(tmp_path.glob("startup-*.log"))}
+    assert proc.returncode == 0, (proc.stderr, logs)
+    assert len(logs) == 8 and all("[Epoch 0 Batch 1/" in text for text in logs.values())
     out = proc.stdout.splitlines()
     peak = next(line.split() for line in out if line.startswith("peak"))
     assert len(peak) == 3 and all(float(x) > 0 for x in peak[1:])  # full, sampled

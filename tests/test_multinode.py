@@ -33,12 +33,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, REPO, TINY, VALID, data_args, max_param_diff, run
+from conftest import BIN, REPO, SIM, TINY, VALID, data_args, max_param_diff, run, sim_cluster
 from dist_lm.checkpoint import list_checkpoints, verify
 from dist_lm.launch import JobReport, forward_numerics, rank_hosts
 from dist_lm.procs import kill_session
 
-SIM = REPO / "launch" / "sim-cluster"
 WORKSTATION = REPO / "launch" / "train-workstation.sh"
 END_BOUND_S = 60
 # Where float noise is not amplified (tests/test_distributed.py): dropout 0, lr 1, the
@@ -86,6 +85,16 @@ class Job:
             if time.monotonic() > deadline:
                 kill_session(self.proc.pid)
                 pytest.fail(f"no {pattern!r} within {timeout}s:\n{self.text()}")
+            time.sleep(0.1)
+
+    def wait_for_checkpoint(self, run_dir: Path, step: int, timeout: float = 240) -> None:
+        """Until step `step`'s checkpoint is complete: its log line comes before it."""
+        done = run_dir / "checkpoints" / f"step-{step:09d}"
+        deadline = time.monotonic() + timeout
+        while not done.is_dir():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                kill_session(self.proc.pid)
+                pytest.fail(f"no checkpoint at step {step} within {timeout}s:\n{self.text()}")
             time.sleep(0.1)
 
     def wait(self, timeout: float) -> int:
@@ -175,14 +184,21 @@ def newest_checkpoint(run_dir: Path):
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    from test_sim_cluster import Sim
-
-    sim = Sim("dlmnode", tmp_path_factory.mktemp("multinode-sim") / "state")
-    try:
-        sim.up(4)
+    with sim_cluster("dlmnode", tmp_path_factory, 4) as sim:
         yield sim
-    finally:
-        sim("down")
+
+
+@pytest.fixture(autouse=True)
+def nothing_left_running(request):
+    """After a test on the cluster, what its job left on the nodes (a failed test's job
+    may be mid-run) is killed, so that the next test starts on idle nodes."""
+    yield
+    if "cluster" in request.fixturenames:
+        for _, pid, _ in job_processes(request.getfixturevalue("cluster")):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 @pytest.fixture(scope="module")
@@ -249,7 +265,7 @@ def test_a_partitioned_node_ends_the_mpijob_and_resume_on_the_healed_cluster_is_
                         train_args=train_args(heldout, run_dir)[:-2])
     env = operator_env(hostfile, 1)
     job = Job(cluster, cmd, env, tmp_path, node="node4")
-    job.wait_for(r"Batch 20/")
+    job.wait_for_checkpoint(run_dir, 20)
     cluster.ok("partition", "node3")
     cut = time.monotonic()
     try:
@@ -278,7 +294,7 @@ def test_a_remote_rank_killed_ends_the_gloo_job_and_resume_is_exact(
     run_dir = tmp_path / "run"
     cmd, env = workstation("gloo", 3, heldout, run_dir)
     job = Job(cluster, cmd, env, tmp_path)
-    job.wait_for(r"Batch 20/")
+    job.wait_for_checkpoint(run_dir, 20)
     (victim,) = [pid for ns, pid, c in job_processes(cluster)
                  if ns.endswith("-node3") and "dist-lm train" in c and str(run_dir) in c]
     os.kill(victim, signal.SIGKILL)
@@ -349,6 +365,7 @@ def test_a_node_away_for_seconds_only_does_not_end_the_job(
     cluster.ok("partition", "node3")
     try:
         time.sleep(5)
+        assert job.proc.poll() is None, job.text()  # the job rode out the absence
     finally:
         cluster.ok("heal", "node3")
     assert job.wait(300) == 0, job.text()
@@ -384,9 +401,11 @@ def test_sigterm_to_the_wrapper_stops_every_rank_with_a_checkpoint(cluster, held
 
 # --- the environment --------------------------------------------------------------------------
 
+# One write of the whole line: mpirun interleaves ranks' output write by write.
 PRINT_SETTING = ("import os, socket; from dist_lm.launcher_env import configure_process; "
-                 "{} print('rank', os.environ['OMPI_COMM_WORLD_RANK'], socket.gethostname(), "
-                 "os.environ.get('MXNET_USE_MKLDNN_RNN'))")
+                 "{} os.write(1, ' '.join(['rank', os.environ['OMPI_COMM_WORLD_RANK'], "
+                 "socket.gethostname(), str(os.environ.get('MXNET_USE_MKLDNN_RNN')), "
+                 "'\\n']).encode())")
 
 
 def mpirun_ranks_print(cluster, *launcher, configure: bool, node="node1"):
@@ -472,6 +491,10 @@ def test_report_of_horovodrun_failures_and_of_a_stop():
     assert (verdict, line) == ("error", "rank 2 on node3 ended abruptly (killed or crashed: "
                                         "its ssh session exited 255, and node3 still answers "
                                         "ssh)")
+    # The rank that lost its peer may be reported first; the lost one is the cause.
+    text = "Process 1 exit with status code 4.\n" + text
+    assert report_of("horovodrun", HOSTS3, text, probe=lambda: [])[1].startswith(
+        "rank 2 on node3 ended abruptly")
     text = "dist-lm: stopped: [rank 1] stopped by a signal at step 22, checkpoint written\n" \
            "Primary job  terminated normally, but 1 process returned\n"
     assert report_of("mpirun", HOSTS3, text, code=143, signalled=True) == \
@@ -479,6 +502,44 @@ def test_report_of_horovodrun_failures_and_of_a_stop():
     text = "[1]<stderr>:dist-lm: error: [rank 1] --train-file x: no such file\n"
     assert report_of("horovodrun", HOSTS3, text, code=2) == \
         ("error", "[rank 1 on node2] --train-file x: no such file")
+
+
+def test_report_of_a_stop_asked_for_is_the_stop_whatever_ssh_said_meanwhile():
+    text = ("dist-lm: stopped: [rank 1] stopped by a signal at step 22, checkpoint written\n"
+            "Connection to node3 closed by remote host.\n"
+            "Process 2 exit with status code 255.\n")
+    assert report_of("horovodrun", HOSTS3, text, signalled=True) == \
+        ("stopped", "[rank 1 on node2] stopped by a signal at step 22, checkpoint written")
+    assert report_of("horovodrun", HOSTS3, text, signalled=False)[0] == "error"
+
+
+def supervised(script: str) -> subprocess.Popen:
+    return subprocess.Popen([BIN / "dist-lm", "launch", "bash", "-c", script],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def test_a_launcher_killed_by_a_signal_exits_128_plus_it_with_one_line():
+    proc = supervised("kill -KILL $$")
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 137
+    assert err.splitlines()[-1] == \
+        "dist-lm: error: job failed: the launcher was killed by signal 9 (Killed)", err
+
+
+def test_sighup_to_the_wrapper_stops_the_launcher_as_sigterm_does():
+    """The terminal or ssh session the job was started from goes away: the launcher is
+    asked to stop, and the wrapper stays to say how it ended."""
+    proc = supervised("trap 'echo stopped on TERM; exit 7' TERM; echo ready; "
+                      "while :; do sleep 0.1; done")
+    try:
+        assert proc.stdout.readline() == "ready\n"
+        proc.send_signal(signal.SIGHUP)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        kill_session(proc.pid)
+    assert proc.returncode == 7 and out == "stopped on TERM\n", (out, err)
+    assert err.splitlines()[-1] == "dist-lm: error: job failed: the launcher exited with code 7"
 
 
 def test_report_reads_lines_that_mpirun_spliced_together():

@@ -2,6 +2,7 @@
 simulated nodes (a tiny run; the figures are the benchmark's, not the test's)."""
 
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -46,3 +47,4 @@ def test_it_measures_across_simulated_nodes_and_tears_the_cluster_down(tmp_path)
     assert all(float(r[6]) > 0 for r in rows)  # the allreduce was timed
     left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert "dlbench" not in left
+    assert not list(Path("/etc/netns").glob("dlbench-*"))

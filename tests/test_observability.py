@@ -41,17 +41,19 @@ def two_rank_run(tmp_path_factory, heldout, short_text):
     return run_dir, proc.stdout
 
 
-def test_the_first_log_line_of_an_epoch_does_not_time_the_evaluation_before_it(short_text,
-                                                                               tmp_path):
+@pytest.mark.parametrize("flags, step", [([], 18), (["--eval-first"], 6)])
+def test_the_first_log_line_of_an_epoch_does_not_time_the_evaluation_before_it(
+        flags, step, short_text, tmp_path):
     """Validation and test on the whole WikiText-2 validation split take the tiny model far
-    longer than 6 steps. The interval that starts an epoch began when the previous one's
-    evaluation ended (after its records and checkpoint), so the seconds its throughput
-    implies fit between the record just before it and its own."""
+    longer than 6 steps. The interval that starts an epoch began when the evaluation before
+    it ended (the previous epoch's, after its records and checkpoint, or --eval-first's
+    baseline), so the seconds its throughput implies fit between the record just before it
+    and its own."""
     proc = run([BIN / "dist-lm", "train", *data_args(short_text, VALID, VALID), *TINY, *ARGS,
-                "--batch-size", "10", "--run-dir", tmp_path], timeout=300)
+                "--batch-size", "10", "--run-dir", tmp_path, *flags], timeout=300)
     assert proc.returncode == 0, proc.stderr
     rows = metrics(tmp_path)
-    (first,) = [i for i, r in enumerate(rows) if r["kind"] == "train" and r["step"] == 18]
+    (first,) = [i for i, r in enumerate(rows) if r["kind"] == "train" and r["step"] == step]
     assert rows[first - 1]["kind"] in ("valid", "test") and records(tmp_path, "test")
     seconds = 10 * 6 / rows[first]["throughput/samples_per_s"]  # 6 steps of 10 columns
     assert seconds < rows[first]["time"] - rows[first - 1]["time"], (seconds, rows)

@@ -377,6 +377,16 @@ def test_bench_rejects_bad_flags_before_measuring(heldout, flags, message):
     assert proc.stderr.strip().splitlines() == [message]
 
 
+def test_bench_refuses_a_sampled_softmax_below_1_before_building_the_cache(heldout, tmp_path):
+    cache = tmp_path / "cache"
+    proc = dist_lm("bench", "--train-file", heldout, "--sampled-softmax", "0",
+                   "--variants", "local", "--cache-dir", cache, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == \
+        ["dist-lm: error: --sampled-softmax must be at least 1, got 0"]
+    assert not cache.exists()
+
+
 @pytest.mark.parametrize("text,message", [
     ("", "is empty (no words)"),
     ("a few words only\n", "too few for one batch of 20 columns x 36 tokens"),

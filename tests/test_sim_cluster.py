@@ -12,86 +12,22 @@ import re
 import shutil
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
-from conftest import BIN, REPO, run
+from conftest import BIN, SIM, Sim, alive, run, sim_cluster
 from dist_lm.procs import kill_session
 
 pytestmark = pytest.mark.dist
 
-SCRIPT = REPO / "launch" / "sim-cluster"
-NO_NETNS = 77
 NODES = ["node1", "node2", "node3"]
 ADDR = {f"node{i}": f"10.213.7.{10 + i}" for i in range(1, 4)}
 
 
-def alive(pid: int) -> bool:
-    """Running: a zombie (its parent, init here, reaps it in a while) counts as gone."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return False
-    return not re.search(r"^State:\s+[ZX]", status, re.M)
-
-
-class Sim:
-    """One cluster: launch/sim-cluster with this prefix and state directory."""
-
-    def __init__(self, prefix: str, state: Path):
-        self.prefix, self.state = prefix, state
-        self.env = {"SIM_PREFIX": prefix, "SIM_STATE_DIR": str(state)}
-        self.ssh_config = state / "ssh_config"
-
-    def __call__(self, *args, timeout=120):
-        return run([SCRIPT, *args], env=self.env, timeout=timeout)
-
-    def ok(self, *args, timeout=120):
-        done = self(*args, timeout=timeout)
-        assert done.returncode == 0, f"sim-cluster {args} exited {done.returncode}\n" \
-                                     f"stdout:\n{done.stdout}\nstderr:\n{done.stderr}"
-        return done
-
-    def on(self, node, *cmd, timeout=120):
-        return self.ok("exec", node, *cmd, timeout=timeout)
-
-    def up(self, n: int):
-        done = self("up", n)
-        if done.returncode == NO_NETNS:
-            pytest.skip(done.stderr.strip().splitlines()[-1])
-        assert done.returncode == 0, f"up {n}: exit {done.returncode}\n{done.stdout}{done.stderr}"
-        return done
-
-    def namespaces(self):
-        listed = run(["ip", "netns", "list"]).stdout.split("\n")
-        return [line.split()[0] for line in listed
-                if re.match(rf"{self.prefix}-(br|node\d+)\b", line)]
-
-    def etc_dirs(self):
-        return sorted(Path("/etc/netns").glob(f"{self.prefix}-*"))
-
-    def sshd_pids(self):
-        return {p.parent.name: int(p.read_text()) for p in self.state.glob("node*/sshd.pid")}
-
-    def assert_gone(self, pids):
-        assert self.namespaces() == []
-        assert self.etc_dirs() == []
-        assert not self.state.exists()
-        deadline = time.monotonic() + 10
-        while any(alive(p) for p in pids.values()) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not [p for p in pids.values() if alive(p)], pids
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    sim = Sim("dlsimtest", tmp_path_factory.mktemp("sim") / "state")
-    try:
-        sim.up(3)
+    with sim_cluster("dlsimtest", tmp_path_factory, 3) as sim:
         yield sim
-    finally:
-        sim("down")
 
 
 def test_status_lists_the_nodes(cluster):
@@ -112,6 +48,12 @@ def test_addresses_and_routes_stay_inside_the_cluster(cluster):
     bridge = run(["ip", "-n", f"{cluster.prefix}-br", "-4", "-o", "addr"]).stdout
     assert re.findall(r"inet (\S+)", bridge) == ["127.0.0.1/8"]
     assert run(["ip", "-n", f"{cluster.prefix}-br", "-4", "route"]).stdout == ""
+    for ns in cluster.namespaces():  # IPv4 only: not even a link-local IPv6 address
+        assert run(["ip", "-n", ns, "-6", "-o", "addr"]).stdout == "", ns
+    # And nothing of the cluster's in this, the host's, namespace: no address in its /24,
+    # no end of its veth pairs.
+    assert "10.213.7." not in run(["ip", "-o", "addr"]).stdout
+    assert not re.search(r"\bveth-node\d", run(["ip", "-o", "link"]).stdout)
 
 
 def test_each_node_has_its_host_name(cluster):
@@ -200,12 +142,14 @@ def test_mpirun_from_node1_runs_on_node1_and_node2(cluster):
 
 
 def test_mpirun_hostfile_allreduce_over_node_network(cluster):
+    # Rank 0 prints for all: mpirun interleaves several ranks' output within a line.
     code = ("from mpi4py import MPI; import socket; c = MPI.COMM_WORLD; "
-            "print(c.rank, socket.gethostname(), c.allreduce(c.rank + 1))")
+            "got = c.gather((c.rank, socket.gethostname(), c.allreduce(c.rank + 1))); "
+            "c.rank == 0 and print(got)")
     cmd = mpirun(cluster, "-np", "3", "--hostfile", cluster.state / "hostfile",
                  "--mca", "btl", "self,tcp", BIN / "python", "-c", code)
     out = cluster.on("node1", *cmd, timeout=120).stdout
-    assert sorted(out.splitlines()) == ["0 node1 6", "1 node2 6", "2 node3 6"]
+    assert out.strip() == "[(0, 'node1', 6), (1, 'node2', 6), (2, 'node3', 6)]"
 
 
 def test_horovodrun_gloo_from_node1_runs_on_node1_and_node2(cluster):
@@ -227,7 +171,7 @@ def test_down_leaves_nothing(tmp_path):
         pids = sim.sshd_pids()
         assert sorted(pids) == ["node1", "node2"] and all(alive(p) for p in pids.values())
         # A process left running inside a node goes too.
-        stray = subprocess.Popen([SCRIPT, "exec", "node2", "sleep", "600"],
+        stray = subprocess.Popen([SIM, "exec", "node2", "sleep", "600"],
                                  env=dict(os.environ, **sim.env),
                                  start_new_session=True)
         deadline = time.monotonic() + 10

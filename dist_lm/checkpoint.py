@@ -31,7 +31,9 @@ writes, through its run directory (the other ranks' run directory writes nothing
 checkpoint is written into `.tmp-step-...`, every file fsynced, then the directory is
 renamed to `step-...` and the parent fsynced: a crash leaves either the complete
 checkpoint or no checkpoint under the final name. `find_resume` checks every digest and
-falls back to the previous checkpoint (with a warning) when the newest is damaged.
+falls back to the previous checkpoint (with a warning) when the newest is damaged. On
+resume rank 0 reads it and broadcasts its arrays one at a time (`broadcast_arrays`), so
+that no rank holds more than the state plus its largest array.
 """
 
 from __future__ import annotations
@@ -163,8 +165,9 @@ class Checkpointer:
         p = self.parts
         arrays = run_everywhere(
             self.world, lambda: self.run_dir.load_checkpoint(found, p.model, ctx), "resume-load")
-        arrays = self.world.broadcast_object(arrays, name="resume.arrays")
-        hidden = arrays.pop("hidden")
+        arrays = self.world.broadcast_arrays(arrays, name="resume.arrays")
+        hidden = [arrays.pop(f"hidden/{i}")
+                  for i in range(sum(k.startswith("hidden/") for k in arrays))]
         if p.average is not None and "average" in meta:
             p.average.load_state_dict(meta["average"], arrays, ctx)
         restore_optimizer(p.trainer, {k: mx.nd.array(v) for k, v in arrays.items()

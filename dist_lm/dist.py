@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import mxnet as mx
 import numpy as np
@@ -143,6 +143,11 @@ class World:
 
     def broadcast_object(self, obj: Any, name: str) -> Any:
         return obj
+
+    def broadcast_arrays(self, arrays: Optional[Dict[str, np.ndarray]],
+                         name: str) -> Dict[str, np.ndarray]:
+        """Rank 0's arrays (None on the other ranks) on every rank."""
+        return arrays
 
     def allgather_object(self, obj: Any, name: str) -> List[Any]:
         return [obj]
@@ -258,6 +263,25 @@ class HorovodWorld(World):
 
     def broadcast_object(self, obj: Any, name: str) -> Any:
         return self.hvd.broadcast_object(obj, root_rank=0, name=name)
+
+    def broadcast_arrays(self, arrays: Optional[Dict[str, np.ndarray]],
+                         name: str) -> Dict[str, np.ndarray]:
+        # One array at a time: the transient memory is the largest array's, not (as with
+        # one pickled object) a few copies of them all, hundreds of MB for Adam's state
+        # of a large vocabulary's (V, E) matrices.
+        specs = self.broadcast_object(
+            None if arrays is None else [(k, v.shape, v.dtype.str) for k, v in
+                                         sorted(arrays.items())], name=f"{name}.specs")
+        out = {}
+        for i, (key, shape, dtype) in enumerate(specs):
+            if arrays is not None:  # rank 0 sends, and keeps its own arrays
+                self.hvd.broadcast(mx.nd.array(arrays[key], dtype=dtype), root_rank=0,
+                                   name=f"{name}.{i}").wait_to_read()
+                out[key] = arrays[key]
+            else:
+                out[key] = self.hvd.broadcast(mx.nd.zeros(shape, dtype=dtype), root_rank=0,
+                                              name=f"{name}.{i}").asnumpy()
+        return out
 
     def allgather_object(self, obj: Any, name: str) -> List[Any]:
         return self.hvd.allgather_object(obj, name=name)

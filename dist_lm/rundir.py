@@ -103,8 +103,8 @@ class RunDir:
 
     def load_checkpoint(self, found, model, ctx) -> dict:
         """Loads the parameters into model; returns the checkpoint's other arrays as NumPy
-        (optimizer state by name, and 'hidden': the global recurrent state) for the
-        broadcast to every rank."""
+        (optimizer state by name, and 'hidden/I': layer I's part of the global recurrent
+        state) for the broadcast to every rank."""
         import mxnet as mx
         from .checkpoint import load_params
 
@@ -112,7 +112,7 @@ class RunDir:
         arrays = {k: v.asnumpy() for k, v in mx.nd.load(found.file("optimizer.nd")).items()
                   if k}
         hidden = mx.nd.load(found.file("hidden.nd"))
-        arrays["hidden"] = [hidden[str(i)].asnumpy() for i in range(len(hidden))]
+        arrays.update((f"hidden/{i}", hidden[str(i)].asnumpy()) for i in range(len(hidden)))
         return arrays
 
 

@@ -211,3 +211,34 @@ def test_a_run_validates_on_the_same_global_columns_at_any_rank_count(heldout, t
         assert json.loads((out / "run.json").read_text())["eval_columns"] == \
             {"valid": 20, "test": 20}
     assert logs[1]["val/loss"] == pytest.approx(logs[2]["val/loss"], abs=1e-5)
+
+
+# mpirun passes ranks' output on write by write: a line made of several writes (print's)
+# can be spliced into another rank's.
+BROADCAST = """
+import os
+import numpy as np
+from dist_lm.dist import make_world
+w = make_world()
+rng = np.random.default_rng(7)
+sent = {"0/0": rng.standard_normal((300, 17)).astype(np.float32),
+        "3/1": rng.integers(-5, 5, (4, 2, 3)).astype(np.int64),
+        "average/x": rng.standard_normal((2,)).astype(np.float16),
+        "hidden/0": rng.standard_normal((1, 4, 8)).astype(np.float32)}
+got = w.broadcast_arrays(sent if w.rank == 0 else None, name="t")
+assert sorted(got) == sorted(sent), sorted(got)
+for k, v in sent.items():
+    assert got[k].dtype == v.dtype and got[k].shape == v.shape, (k, got[k].dtype, got[k].shape)
+    assert np.array_equal(got[k], v), k
+os.write(1, f"rank {w.rank} received {len(got)} arrays\\n".encode())
+"""
+
+
+@pytest.mark.parametrize("controller", CONTROLLERS)
+def test_the_resume_state_reaches_every_rank_array_by_array(controller):
+    """What resume broadcasts, one array at a time: rank 0's arrays, names, shapes and
+    dtypes on every rank, bit for bit."""
+    proc = run(launcher(controller, 2, BIN / "python", "-c", BROADCAST), timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert sorted(re.findall(r"rank (\d) received 4 arrays", proc.stdout)) == ["0", "1"], \
+        proc.stdout

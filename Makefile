@@ -3,7 +3,10 @@
 SHELL := /bin/bash
 VENV ?= .venv
 VARIANT ?= cpu
-DATA_DIR ?= ../shared/data/wikitext-2
+# WikiText-2's directory; empty: `dist-lm data` finds it ($DIST_LM_DATA_MIRROR/wikitext-2,
+# else ~/.mxnet/datasets/wikitext-2, fetched there when missing). The tests read it as
+# $DIST_LM_DATA_DIR (tests/conftest.py), and never fetch.
+DATA_DIR ?=
 RUN_DIR ?= runs/wikitext2-2ranks
 CACHE_DIR ?= runs/.corpus-cache
 NP ?= 2
@@ -12,7 +15,7 @@ CONTROLLER ?= mpi
 PYTEST_ARGS ?=
 export VENV VARIANT
 
-.PHONY: setup setup-tests train test test-fast bench clean
+.PHONY: setup setup-tests data train test test-fast bench clean
 
 setup:
 	@bash launch/setup-env.sh
@@ -21,26 +24,34 @@ setup:
 setup-tests:
 	@FOR_TESTS=1 bash launch/setup-env.sh
 
+# WikiText-2's three splits, fetched and sha1-verified into ~/.mxnet/datasets/wikitext-2
+# (or DATA_DIR) unless a copy is already there or in $DIST_LM_DATA_MIRROR.
+data: setup
+	@$(VENV)/bin/dist-lm data $(if $(DATA_DIR),--data-dir "$(DATA_DIR)")
+
 # The main job, the reference notebook's: standard_lstm_lm_200 trained on WikiText-2's
 # training split for 3 epochs, validated on its valid split and tested on its test split,
 # as NP Horovod ranks sharing a global batch of 20 columns. mpirun starts the ranks (its
 # output carries no per-rank prefixes; only rank 0 prints). Run again to continue a
-# stopped run (--resume auto).
+# stopped run (--resume auto). The data is found (or fetched) before any rank starts.
 train: setup
-	@echo "make train: $(NP) ranks, run directory $(RUN_DIR); watch it with:" \
-	  "$(VENV)/bin/tensorboard --logdir $(RUN_DIR)"
-	@NP=$(NP) CONTROLLER=$(CONTROLLER) bash launch/train-workstation.sh \
-	  --data-dir $(DATA_DIR) --global-batch-size 20 --epochs $(EPOCHS) \
+	@data_dir="$(DATA_DIR)"; [ -n "$$data_dir" ] || data_dir=$$($(VENV)/bin/dist-lm data) \
+	  || exit 2; \
+	echo "make train: $(NP) ranks, run directory $(RUN_DIR); watch it with:" \
+	  "$(VENV)/bin/tensorboard --logdir $(RUN_DIR)"; \
+	NP=$(NP) CONTROLLER=$(CONTROLLER) bash launch/train-workstation.sh \
+	  --data-dir "$$data_dir" --global-batch-size 20 --epochs $(EPOCHS) \
 	  --cache-dir $(CACHE_DIR) --run-dir $(RUN_DIR) --resume auto $(ARGS)
 	@echo "make train: TensorBoard logs in $(RUN_DIR)"
 
 test: setup-tests
-	@$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+	@DIST_LM_DATA_DIR="$(DATA_DIR)" $(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 # The fast tier, a quick check while editing: the suite without the tests marked dist
 # (several ranks), slow (training end to end) or medium (seconds each).
 test-fast: setup-tests
-	@$(VENV)/bin/python -m pytest -m "not dist and not slow and not medium" $(PYTEST_ARGS)
+	@DIST_LM_DATA_DIR="$(DATA_DIR)" $(VENV)/bin/python -m pytest \
+	  -m "not dist and not slow and not medium" $(PYTEST_ARGS)
 
 bench: setup
 	@$(VENV)/bin/dist-lm bench $(ARGS)

@@ -25,25 +25,36 @@ terms, average) is format 3, which earlier versions refuse instead of resuming w
 it; every other checkpoint is still written as format 2, as before.
 
     RUN_DIR/checkpoints/step-000001200/{model.params, optimizer.nd, hidden.nd, meta.json}
+    RUN_DIR/checkpoints/abandoned/after-step-000001200-20250101T120000Z/
+                        {step-000001500/, step-000001800/, best.params, final.params}
 
 Every rank takes part in a save (hidden states are gathered, flags agreed); rank 0 alone
 writes, through its run directory (the other ranks' run directory writes nothing). A
 checkpoint is written into `.tmp-step-...`, every file fsynced, then the directory is
 renamed to `step-...` and the parent fsynced: a crash leaves either the complete
-checkpoint or no checkpoint under the final name. `find_resume` checks every digest and
-falls back to the previous checkpoint (with a warning) when the newest is damaged. On
-resume rank 0 reads it and broadcasts its arrays one at a time (`broadcast_arrays`), so
-that no rank holds more than the state plus its largest array.
+checkpoint or no checkpoint under the final name. Each write first removes every
+`.tmp-step-...` (one job owns the directory, so any left is from a crashed write), and
+then prunes by step to the newest `keep` plus the best one. `find_resume` checks every
+digest and falls back to the previous checkpoint (with a warning) when the newest is
+damaged. On resume rank 0 reads it and broadcasts its arrays one at a time
+(`broadcast_arrays`), so that no rank holds more than the state plus its largest array.
+
+The checkpoints directory holds one line of the run. Resuming by path from a checkpoint
+at step S while later ones exist (a rollback past a loss spike, or a checkpoint from
+elsewhere) starts a new line: rank 0 moves the later checkpoints, and the best.params and
+final.params their line wrote, into `abandoned/after-step-S-TIME/` (renames, nothing
+deleted) before the first new checkpoint, so that pruning by step and `--resume auto`
+follow the new line. `--resume auto` moves nothing.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
 import shutil
 import sys
+import time
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional
 
@@ -51,7 +62,8 @@ import mxnet as mx
 import numpy as np
 
 from .errors import UsageError
-from .hashing import hash_file
+from .hashing import hash_file, text_digest
+from .lifecycle import say
 from .schedule import LRSchedule
 
 FORMAT_VERSION = 3      # written when a checkpoint holds state format 2 has no place for
@@ -59,6 +71,8 @@ BASE_FORMAT = 2         # written otherwise: the fixed-BPTT recipe's checkpoints
 READABLE = (BASE_FORMAT, FORMAT_VERSION)
 FILES = ("model.params", "optimizer.nd", "hidden.nd")
 STEP_DIR = re.compile(r"^step-(\d{9})$")
+TMP_PREFIX = ".tmp-step-"   # a checkpoint being written
+ABANDONED = "abandoned"     # the lines a resume from an earlier step left behind
 RNG_SCHEME = "mx.random.seed(crc32('seed:rank:step')) before every step"
 
 
@@ -104,10 +118,6 @@ def sha256(path: str) -> str:
     return hash_file(path, "sha256")
 
 
-def text_digest(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
 class Checkpointer:
     """Saves and restores `Parts` for one run; every rank calls it at the same points."""
 
@@ -151,7 +161,8 @@ class Checkpointer:
 
     def resume(self, ctx: mx.Context) -> Optional[List[np.ndarray]]:
         """Finds the checkpoint to resume from (rank 0), refuses one that does not belong to
-        this run, and loads it into the parts on every rank. Returns the global hidden
+        this run, and loads it into the parts on every rank; one given by path becomes the
+        newest of the run directory's line (`start_line`). Returns the global hidden
         state when the checkpoint is inside an epoch, else None."""
         from .dist import run_everywhere
 
@@ -165,6 +176,10 @@ class Checkpointer:
         p = self.parts
         arrays = run_everywhere(
             self.world, lambda: self.run_dir.load_checkpoint(found, p.model, ctx), "resume-load")
+        # Only once the checkpoint is taken: a refused one leaves the directory as it was.
+        # 'auto' takes the newest, or falls back past a damaged one, which stays in place.
+        if rel.resume != "auto":
+            run_everywhere(self.world, lambda: self.run_dir.start_line(found), "resume-line")
         arrays = self.world.broadcast_arrays(arrays, name="resume.arrays")
         hidden = [arrays.pop(f"hidden/{i}")
                   for i in range(sum(k.startswith("hidden/") for k in arrays))]
@@ -293,14 +308,22 @@ def list_checkpoints(directory: str) -> List[str]:
     return [os.path.join(directory, n) for n in names]
 
 
+def remove_unfinished(directory: str) -> None:
+    """Removes every checkpoint left half-written (by a rank killed during a write, an
+    out-of-memory kill): only this job writes the directory, so none is in progress."""
+    for name in os.listdir(directory):
+        if name.startswith(TMP_PREFIX):
+            shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+
+
 def write_checkpoint(directory: str, step: int, model, optimizer: Dict[str, mx.nd.NDArray],
                      hidden: List[np.ndarray], meta: dict, keep: int,
                      protect: Optional[int]) -> str:
     """Writes one checkpoint atomically; keeps the newest `keep` plus step `protect`."""
     os.makedirs(directory, exist_ok=True)
     final = os.path.join(directory, f"step-{step:09d}")
-    tmp = os.path.join(directory, f".tmp-step-{step:09d}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = os.path.join(directory, f"{TMP_PREFIX}{step:09d}")
+    remove_unfinished(directory)
     os.makedirs(tmp)
     try:
         model.save_parameters(os.path.join(tmp, "model.params"))
@@ -388,3 +411,89 @@ def find_resume(spec: str, directory: str, strict: bool) -> Optional[Checkpoint]
             print(f"dist-lm: warning: {err}; trying the previous checkpoint",
                   file=sys.stderr, flush=True)
     return None
+
+
+# --- the line of a run ---------------------------------------------------------------
+
+def start_line(directory: str, resumed: Checkpoint, best: str, final: str) -> Optional[str]:
+    """Makes `resumed` (step S) the newest checkpoint of the directory's line. The
+    checkpoints after S, and another one at S (resuming from a copy elsewhere), are moved
+    into ABANDONED/after-step-S-TIME/ with the run files (`best`, `final`: the paths of
+    best.params and final.params) their line wrote, and one line on stderr says so.
+    Renames only: nothing is deleted. Returns the new directory, or None when no
+    checkpoint is later."""
+    step = resumed.meta["step"]
+    later = [p for p in list_checkpoints(directory) if _step_of(p) > step or
+             (_step_of(p) == step and not _same_checkpoint(p, resumed))]
+    if not later:
+        return None
+    files = _files_of_line(later, resumed.meta.get("progress", {}).get("best_step"), best,
+                           final)
+    target = _new_abandoned_dir(directory, step)
+    for path in reversed(later):  # newest first: a crash part-way leaves a shorter line
+        os.rename(path, os.path.join(target, os.path.basename(path)))
+    for path in files:
+        os.rename(path, os.path.join(target, os.path.basename(path)))
+    for path in {target, directory, *(os.path.dirname(f) for f in files)}:
+        _fsync_dir(path)
+    steps = f"steps {_step_of(later[0])} to {_step_of(later[-1])}" if len(later) > 1 \
+        else f"step {_step_of(later[0])}"
+    extra = "".join(f", {os.path.basename(f)}" for f in files)
+    say(f"dist-lm: note: resuming from step {step} leaves the later line of this run: "
+        f"moved its {len(later)} checkpoint{'s' if len(later) > 1 else ''} ({steps})"
+        f"{extra} to {target} (nothing deleted); --resume auto now follows the new line")
+    return target
+
+
+def _files_of_line(later: List[str], best_step: Optional[int], best: str,
+                   final: str) -> List[str]:
+    """best.params and final.params when the abandoned line wrote them: written after its
+    first checkpoint, or, for best.params, that line recorded another best step than the
+    resumed checkpoint's `best_step` (a better one after the resumed step; or, from
+    elsewhere, any other). final.params is the end of whichever run ended last, so only
+    its time tells."""
+    since = _written(later[0])
+    files = [f for f in (best, final) if os.path.isfile(f) and _written(f) > since]
+    best_steps = {_recorded(p).get("progress", {}).get("best_step") for p in later}
+    if os.path.isfile(best) and best not in files and best_steps - {None, best_step}:
+        files.insert(0, best)
+    return files
+
+
+def _new_abandoned_dir(directory: str, step: int) -> str:
+    parent = os.path.join(directory, ABANDONED)
+    os.makedirs(parent, exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    name, n = f"after-step-{step:09d}-{stamp}", 1
+    while True:
+        try:
+            path = os.path.join(parent, name if n == 1 else f"{name}-{n}")
+            os.mkdir(path)
+            return path
+        except FileExistsError:  # a second rollback to the same step within the second
+            n += 1
+
+
+def _step_of(path: str) -> int:
+    return int(STEP_DIR.match(os.path.basename(path)).group(1))
+
+
+def _recorded(path: str) -> dict:
+    """A checkpoint's meta.json as written, {} when unreadable (a damaged checkpoint)."""
+    try:
+        with open(os.path.join(path, "meta.json"), encoding="utf-8") as fh:
+            meta = json.load(fh)
+    except (OSError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def _same_checkpoint(path: str, resumed: Checkpoint) -> bool:
+    return os.path.samefile(path, resumed.path) or \
+        _recorded(path).get("files") == resumed.meta.get("files")
+
+
+def _written(path: str) -> int:
+    """When a file, or a checkpoint (its meta.json, written last), was written (ns)."""
+    meta = os.path.join(path, "meta.json")
+    return os.stat(meta if os.path.isfile(meta) else path).st_mtime_ns

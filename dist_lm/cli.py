@@ -7,6 +7,7 @@
     dist-lm bench --train-file F      throughput of the reference loop and of dist-lm
     dist-lm bench-scale --dir D       start-up and memory at WikiText-103 size
     dist-lm bench-net --train-file F  the allreduce across simulated nodes, shaped links
+    dist-lm data [--data-dir D]       where WikiText-2 is, fetched (sha1-verified) if missing
     dist-lm launch LAUNCHER ARGS...   run mpirun/horovodrun so that the job ends whole
 
 `main(argv)` returns the exit code and is what tests call. Errors a user can cause print
@@ -41,11 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="dist-lm", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    p = sub.add_parser("train", help="train a language model",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # Each option's help names its default itself (config.default_help): argparse's
+    # would be the None that tells an explicit flag apart.
+    p = sub.add_parser("train", help="train a language model")
     add_config_args(p)
     p.add_argument("--dist", choices=("auto", "local", "horovod"), default="auto",
-                   help="'auto' uses Horovod when started by horovodrun or mpirun")
+                   help="'auto' uses Horovod when started by horovodrun or mpirun "
+                        "(default: auto)")
 
     p = sub.add_parser("eval", help="evaluate a run's saved parameters on a text")
     p.add_argument("--run-dir", required=True, help="the run directory of a training run")
@@ -91,6 +94,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench-net", help="the gradient allreduce across simulated nodes "
                                          "with shaped links (root)")
     add_net_args(p)
+
+    p = sub.add_parser("data", help="print where a dataset's splits are, fetched "
+                                    "(sha1-verified) when missing",
+                       description="Prints the directory of a dataset's splits: --data-dir, "
+                       "else $DIST_LM_DATA_MIRROR/NAME, else $MXNET_HOME/datasets/NAME "
+                       "(MXNET_HOME: ~/.mxnet); fetches them there, sha1-verified, when "
+                       "missing.")
+    p.add_argument("--dataset", choices=("wikitext-2", "wikitext-103"), default="wikitext-2",
+                   help="NAME (default: wikitext-2)")
+    p.add_argument("--data-dir", metavar="D", help="fetch into this directory instead")
+
+    # Listed here for --help only: `main` hands `dist-lm launch ...` to launch.main first.
+    p = sub.add_parser("launch", add_help=False,
+                       help="run mpirun or horovodrun so that the job ends whole: a signal "
+                            "stops every rank with a checkpoint, a failure ends in one line "
+                            "naming the lost rank")
+    p.add_argument("launcher", nargs=argparse.REMAINDER, metavar="LAUNCHER ARGS...")
     return parser
 
 
@@ -210,6 +230,13 @@ def cmd_bench_net(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_data(args: argparse.Namespace) -> int:
+    from .data import find_dataset
+
+    print(find_dataset(args.dataset, args.data_dir))
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     from .launcher_env import configure_process
 
@@ -229,7 +256,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         args = build_parser().parse_args(argv)
         commands = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate,
                     "report": cmd_report, "bench": cmd_bench, "bench-scale": cmd_bench_scale,
-                    "bench-net": cmd_bench_net}
+                    "bench-net": cmd_bench_net, "data": cmd_data}
         return commands[args.command](args)
     except (UsageError, RanksOutOfSync, NonFiniteError, Preempted, BenchFailed) as err:
         rank = os.environ.get("HOROVOD_RANK", os.environ.get("OMPI_COMM_WORLD_RANK"))

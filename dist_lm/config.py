@@ -20,27 +20,35 @@ from .errors import UsageError
 from .presets import PRESETS, RECIPES
 
 
-def opt(default: Any, help: str, choices: Optional[tuple] = None) -> Any:  # noqa: A002
-    return field(default=default, metadata={"help": help, "choices": choices})
+def opt(default: Any, help: str, choices: Optional[tuple] = None,  # noqa: A002
+        shown: Optional[str] = None) -> Any:
+    """A Config field. shown: what `--help` names as the default of a field whose None
+    stands for something else (another option's value, no limit)."""
+    return field(default=default, metadata={"help": help, "choices": choices,
+                                            "shown": shown})
 
 
 @dataclass
 class DataConfig:
     data_dir: Optional[str] = opt(
         None, "directory with wiki.{train,valid,test}.tokens (WikiText) or "
-        "ptb.{train,valid,test}.txt (PTB)")
+        "ptb.{train,valid,test}.txt (PTB). Without it and without --*-file: "
+        "$DIST_LM_DATA_MIRROR/NAME if complete, else $MXNET_HOME/datasets/NAME (MXNET_HOME: "
+        "~/.mxnet), fetched there when missing; NAME is --download's dataset, else wikitext-2")
     train_file: Optional[str] = opt(None, "training text; overrides --data-dir's train split")
     valid_file: Optional[str] = opt(None, "validation text; overrides --data-dir's valid split")
     test_file: Optional[str] = opt(None, "test text; overrides --data-dir's test split")
     download: Optional[str] = opt(
-        None, "fetch this dataset into --data-dir when a split is missing, verified by sha1",
+        None, "fetch this dataset into --data-dir when a split is missing, verified by sha1 "
+        "(without --data-dir: the dataset to find or fetch, see --data-dir)",
         choices=("wikitext-2", "wikitext-103"))
     min_freq: int = opt(1, "drop words seen fewer times than this in the training split")
-    max_vocab: Optional[int] = opt(None, "keep at most this many words (most frequent first)")
+    max_vocab: Optional[int] = opt(None, "keep at most this many words (most frequent first)",
+                                   shown="no limit")
     cache_dir: Optional[str] = opt(
-        None, "where token ids and vocabularies are cached (default: $DIST_LM_CACHE_DIR, "
-        "else .dist-lm-cache beside the training split if writable, else "
-        "~/.cache/dist-lm); delete it to clear")
+        None, "where token ids and vocabularies are cached; delete it to clear",
+        shown="$DIST_LM_CACHE_DIR, else .dist-lm-cache beside the training split if "
+        "writable, else ~/.cache/dist-lm")
 
 
 @dataclass
@@ -81,19 +89,20 @@ class OptimConfig:
     sampled_softmax: Optional[int] = opt(
         None, "train the decoder with a sampled softmax over this many log-uniform "
         "candidates per step instead of all words (for large vocabularies; evaluation keeps "
-        "the full softmax). Needs a vocabulary sorted by frequency, as built here")
+        "the full softmax). Needs a vocabulary sorted by frequency, as built here",
+        shown="off")
     alpha: float = opt(0.0, "activation regularization (AR): add alpha x mean square of the "
                             "last LSTM layer's output after its dropout to the training "
-                            "objective (AWD recipe: 2)")
+                            "objective")
     beta: float = opt(0.0, "temporal activation regularization (TAR): add beta x mean square "
                            "of the step-to-step change of the last layer's output before "
-                           "its dropout (AWD recipe: 1)")
+                           "its dropout")
     lr_update_interval: Optional[int] = opt(
         None, "instead of --lr-decay at every validation without improvement, multiply "
-        "the lr by --lr-update-factor after this many in a row (AWD recipe: 30)")
+        "the lr by --lr-update-factor after this many in a row", shown="off")
     lr_update_factor: float = opt(0.1, "see --lr-update-interval")
-    adam_beta1: float = opt(0.9, "Adam's beta1 (AWD recipe: 0)")
-    adam_epsilon: float = opt(1e-8, "Adam's epsilon (AWD recipe: 1e-9)")
+    adam_beta1: float = opt(0.9, "Adam's beta1")
+    adam_epsilon: float = opt(1e-8, "Adam's epsilon")
     ntasgd: bool = opt(False, "NT-ASGD: once validation has not improved on the best of "
                               "all checks but the last --ntasgd-nonmono, average the SGD "
                               "iterates and validate, test and save the average")
@@ -106,29 +115,32 @@ class RunConfig:
     batch_size: int = opt(20, "BPTT columns per process (per rank under Horovod); the "
                               "global batch is ranks x this")
     global_batch_size: Optional[int] = opt(
-        None, "BPTT columns over all ranks, split evenly (overrides --batch-size)")
+        None, "BPTT columns over all ranks, split evenly (overrides --batch-size)",
+        shown="ranks x --batch-size")
     eval_batch_size: int = opt(
         20, "validation columns over all ranks, whatever their number (the reference "
         "notebook's 20); every rank count validates on the same batches")
     test_batch_size: Optional[int] = opt(
-        None, "test columns over all ranks (default: --eval-batch-size). GluonNLP's "
-        "published perplexities validate on 10 columns and test on 1")
+        None, "test columns over all ranks. GluonNLP's published perplexities validate "
+        "on 10 columns and test on 1", shown="--eval-batch-size")
     bptt: int = opt(35, "time steps per batch")
     variable_bptt: bool = opt(
         False, "variable-length BPTT: each step's length is drawn around --bptt (or half "
         "of it with probability 0.05), with sd 5 and at least 5, and its lr scaled by "
-        "length / --bptt (AWD recipe)")
+        "length / --bptt")
     recipe: str = opt(
         "auto", "the training recipe whose values fill the options not given: 'standard' "
         "(the reference notebook's), 'awd' (GluonNLP's AWD-LSTM script, docs/awd.md) or "
         "'auto' (the model family's)", choices=("auto", "standard", "awd"))
     epochs: int = opt(3, "passes over the training split")
-    max_steps: Optional[int] = opt(None, "stop after this many optimizer steps in all")
+    max_steps: Optional[int] = opt(None, "stop after this many optimizer steps in all",
+                                   shown="no limit")
     log_interval: int = opt(200, "steps between log lines")
     seed: int = opt(1, "random seed (parameters, dropout)")
     eval_first: bool = opt(False, "evaluate the validation split once before training")
     context: str = opt("auto", "'cpu', 'gpu' or 'gpu:N', or 'auto' (a GPU when present)")
-    run_dir: Optional[str] = opt(None, "where the run writes its files (default: runs/<model>)")
+    run_dir: Optional[str] = opt(None, "where the run writes its files",
+                                 shown="runs/<the --model name>")
 
 
 @dataclass
@@ -166,6 +178,10 @@ class ReliabilityConfig:
     watchdog_s: float = opt(600.0, "exit (code 4) if no step or evaluation batch completes "
                                    "for this many seconds, e.g. a peer rank vanished "
                                    "(0: off)")
+    checkpoint_timeout_s: float = opt(1800.0, "the watchdog's limit while a checkpoint or "
+                                              "parameter file is written (rank 0 writes, the "
+                                              "other ranks wait), instead of --watchdog-s "
+                                              "(0: no limit)")
 
 
 GROUPS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "run": RunConfig,
@@ -219,7 +235,8 @@ class Config:
                              f"{rel.keep_checkpoints}")
         for name, value in [("--checkpoint-steps", rel.checkpoint_steps),
                             ("--checkpoint-minutes", rel.checkpoint_minutes),
-                            ("--watchdog-s", rel.watchdog_s)]:
+                            ("--watchdog-s", rel.watchdog_s),
+                            ("--checkpoint-timeout-s", rel.checkpoint_timeout_s)]:
             if not (math.isfinite(value) and value >= 0):
                 raise UsageError(f"{name} must be a non-negative number, got {value}")
         for name, value in [("--fusion-threshold-mb", self.dist.fusion_threshold_mb),
@@ -312,8 +329,27 @@ def _base_type(tp: Any) -> Any:
     return tp
 
 
+def default_help(group: str, f: dataclasses.Field) -> str:
+    """What `--help` says of a field's default: the value a bare `dist-lm train` trains
+    with (the field's, or the default model preset's or its recipe's), and which presets
+    and recipes set it otherwise; '' when there is nothing to say."""
+    model = ModelConfig().model
+    bare = dict(recipe_of("auto", PRESETS[model]["family"]).get(group, {}))
+    if group == "model":
+        bare.update(PRESETS[model])
+    value = bare.get(f.name, f.default)
+    parts = [f"default: {value if value is not None else f.metadata['shown']}"] \
+        if value is not None or f.metadata["shown"] else []
+    if group == "model" and f.name != "model" and any(f.name in p for p in PRESETS.values()):
+        parts.append("set by the --model preset")
+    parts += [f"{name} recipe: {recipe[group][f.name]}" for name, recipe in RECIPES.items()
+              if recipe.get(group, {}).get(f.name, value) != value]
+    return f" ({'; '.join(parts)})" if parts else ""
+
+
 def add_config_args(parser: argparse.ArgumentParser) -> None:
-    """Adds one flag per Config field; defaults are None so explicit flags can be told apart."""
+    """Adds one flag per Config field; defaults are None so explicit flags can be told
+    apart (their help names the real default, `default_help`)."""
     parser.add_argument("--config", metavar="FILE", help="JSON config file (e.g. a run's "
                         "config.json); flags given here override it")
     for group, klass in GROUPS.items():
@@ -322,7 +358,7 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
         for f in dataclasses.fields(klass):
             tp = _base_type(hints[f.name])
             kwargs: dict = {"dest": f"{group}.{f.name}", "default": None,
-                            "help": f"{f.metadata['help']} (default: {f.default})"}
+                            "help": f.metadata["help"] + default_help(group, f)}
             if tp is bool:
                 kwargs["action"] = argparse.BooleanOptionalAction
             else:

@@ -5,22 +5,32 @@ Training uses `--batch-size` columns per rank (ranks x b global). Validation and
 use one global layout, `--eval-batch-size` and `--test-batch-size` columns whatever the
 number of ranks, split over the ranks as evenly as possible (see `data.column_range`), so
 every rank count evaluates exactly the same batches and reports the same perplexity.
+
+Every rank reads its own copy of the data and its own corpus cache, so the ranks first
+agree that they read the same: one allgather of (host, vocabulary digest, vocabulary
+size, tokens per split) per rank, compared with rank 0's. A node with another copy of a
+split would otherwise train on other text silently, or walk another number of batches
+and leave its peers waiting in a collective until a timeout blames a dead peer.
 """
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Tuple
 
 from . import data as D
 from .cache import CorpusCache, cache_root
 from .config import Config
 from .dist import World, run_everywhere
+from .errors import UsageError
+from .hashing import text_digest
 
 
 @dataclass
 class Corpus:
     vocab: object
+    vocab_json: str       # the vocabulary as run directories and checkpoints record it
     train: Optional[D.ColumnShard]
     valid: Optional[D.ColumnShard]
     test: Optional[D.ColumnShard]
@@ -36,8 +46,9 @@ def load_corpus(cfg: Config, world: World, need=("train", "valid", "test"),
                 vocab=None) -> Corpus:
     """Maps each split's token ids from the corpus cache (built on first use, by whichever
     rank gets there first while the others wait on its lock), takes the vocabulary of
-    the training split (or the one given), and keeps this rank's columns of each split.
-    A bad input on any rank stops every rank."""
+    the training split (or the one given: a run's, from its --run-dir), checks that every
+    rank read the same, and keeps this rank's columns of each split. A bad input on any
+    rank stops every rank."""
     # Rank 0 first, so that it alone downloads a missing dataset; then everyone else.
     run_everywhere(world, lambda: D.resolve_splits(cfg.data, need) if world.is_root else
                    None, "splits-root")
@@ -49,7 +60,19 @@ def load_corpus(cfg: Config, world: World, need=("train", "valid", "test"),
         v = vocab or cache.vocab(splits.train, cfg.data.min_freq, cfg.data.max_vocab)
         return v, {n: cache.ids(getattr(splits, n), v) for n in need}
 
+    given = vocab is not None
     vocab, ids = run_everywhere(world, from_cache, "cache")
+    vocab_json = vocab.to_json()  # once: the digest here, vocab.json and the checkpoints
+    seen = world.allgather_object(
+        (socket.gethostname(), text_digest(vocab_json), len(vocab),
+         {n: len(ids[n]) for n in need}), name="data.agree")
+    flags = {n: f"--{n}-file" if getattr(cfg.data, f"{n}_file") else "--data-dir"
+             for n in need}
+    flags["vocabulary"] = "--run-dir" if given else flags.get("train", "--data-dir")
+    # Every rank holds the same list, so every rank raises the same line.
+    problem = data_mismatch(seen, flags)
+    if problem:
+        raise UsageError(problem)
     b, bptt = cfg.run.batch_size, cfg.run.bptt
     total = dict(eval_columns(cfg), train=b * world.size)
 
@@ -59,4 +82,37 @@ def load_corpus(cfg: Config, world: World, need=("train", "valid", "test"),
         return D.layout_columns(ids[name], total[name], columns, bptt, what=f"{name} split")
 
     shards = run_everywhere(world, lambda: {n: shard(n) for n in need}, "shard")
-    return Corpus(vocab, shards.get("train"), shards.get("valid"), shards.get("test"))
+    return Corpus(vocab, vocab_json, shards.get("train"), shards.get("valid"),
+                  shards.get("test"))
+
+
+Seen = Tuple[str, str, int, Dict[str, int]]  # host, vocabulary digest and size, tokens
+
+
+def data_mismatch(seen: List[Seen], flags: Dict[str, str]) -> Optional[str]:
+    """One line naming the ranks (and hosts) whose data differs from rank 0's and how,
+    with the flags to check there; None when every rank read the same. seen: each rank's
+    Seen, by rank. flags: the flag that chose each split's file, and the vocabulary's
+    source, by name."""
+    host0, digest0, words0, counts0 = seen[0]
+    groups: Dict[tuple, List[Tuple[int, str]]] = {}  # ranks that read the same as each other
+    for rank, (host, digest, words, counts) in enumerate(seen):
+        if (digest, counts) != (digest0, counts0):
+            groups.setdefault((digest, words, tuple(counts.items())), []).append((rank, host))
+    if not groups:
+        return None
+    parts, checks = [], []
+    for (digest, words, counts), ranks in groups.items():
+        other = [(name, n) for name, n in counts if n != counts0[name]]
+        what = [f"{name} split {n:,} tokens against {counts0[name]:,}" for name, n in other]
+        checks += [flags[name] for name, _ in other]
+        if digest != digest0:
+            what.append(f"a vocabulary of {words:,} words against {words0:,}"
+                        if words != words0 else
+                        f"another vocabulary of the same size ({words:,} words)")
+            checks.append(flags["vocabulary"])
+        who = ", ".join(f"rank {rank} on {host}" for rank, host in ranks)
+        parts.append(f"{who} read other data than rank 0 on {host0}: {', '.join(what)}")
+    hosts = {host for ranks in groups.values() for _, host in ranks}
+    return (f"{'; '.join(parts)}; check {' and '.join(dict.fromkeys(checks))} on "
+            f"{'that host' if len(hosts) == 1 else 'those hosts'}")

@@ -1,5 +1,11 @@
 """Corpora, vocabulary and the BPTT batch layout, sharded by columns across ranks.
 
+Where WikiText lives (`find_dataset`, the one lookup of `dist-lm train`, `dist-lm data`,
+`make data`/`make train` and the tests): a directory given explicitly; else
+`$DIST_LM_DATA_MIRROR/<name>`, a local copy; else GluonNLP's dataset cache,
+`$MXNET_HOME/datasets/<name>` (MXNET_HOME defaulting to ~/.mxnet), fetched there and
+verified by sha1 when missing.
+
 A corpus is read as GluonNLP's `CorpusDataset(skip_empty=False, bos=None, eos='<eos>',
 flatten=True)` reads it (the reference notebook's `WikiText2`): the text is split with
 `str.splitlines`, each line is stripped and split on whitespace, and every line, blank
@@ -8,9 +14,13 @@ ones included, ends with one `<eos>`.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
+import re
 import shutil
+import sys
 import tempfile
 import zipfile
 from dataclasses import dataclass
@@ -57,22 +67,26 @@ class Splits:
 
 
 def resolve_splits(cfg: DataConfig, need=("train", "valid", "test")) -> Splits:
-    """Finds the split files: explicit paths first, then the layout found in data_dir."""
+    """Finds the split files: explicit paths first, then the layout found in data_dir;
+    with neither, the splits of `find_dataset` (WikiText-2, or --download's dataset)."""
     names = ("train", "valid", "test")
     explicit = {n: getattr(cfg, f"{n}_file") for n in names}
     found = dict(explicit)
-    if cfg.data_dir is not None:
-        if not os.path.isdir(cfg.data_dir) and not cfg.download:
-            raise UsageError(f"--data-dir {cfg.data_dir}: no such directory")
+    data_dir = cfg.data_dir
+    if data_dir is None and not any(explicit.values()):
+        data_dir = find_dataset(cfg.download or "wikitext-2")
+    if data_dir is not None:
+        if not os.path.isdir(data_dir) and not cfg.download:
+            raise UsageError(f"--data-dir {data_dir}: no such directory")
         layout = next((files for files in LAYOUTS.values()
-                       if any(os.path.exists(os.path.join(cfg.data_dir, f)) for f in files)),
+                       if any(os.path.exists(os.path.join(data_dir, f)) for f in files)),
                       LAYOUTS["wikitext"])
         for name, filename in zip(names, layout):
             if found[name] is None:
-                found[name] = os.path.join(cfg.data_dir, filename)
+                found[name] = os.path.join(data_dir, filename)
         missing = [found[n] for n in need if not os.path.exists(found[n])]
         if missing and cfg.download:
-            download_dataset(cfg.download, cfg.data_dir)
+            download_dataset(cfg.download, data_dir)
     for name in need:
         path = found[name]
         if path is None:
@@ -85,23 +99,72 @@ def resolve_splits(cfg: DataConfig, need=("train", "valid", "test")) -> Splits:
     return Splits(**found)
 
 
-def download_dataset(name: str, data_dir: str) -> None:
-    """Fetches a WikiText archive into data_dir and verifies every file's sha1."""
+MIRROR_ENV = "DIST_LM_DATA_MIRROR"
+
+
+def dataset_cache(name: str) -> str:
+    """Where GluonNLP keeps a dataset: $MXNET_HOME/datasets/NAME, MXNET_HOME defaulting
+    to ~/.mxnet (gluonnlp.base.get_home_dir)."""
+    home = os.path.expanduser(os.environ.get("MXNET_HOME") or os.path.join("~", ".mxnet"))
+    return os.path.join(home, "datasets", name)
+
+
+def find_dataset(name: str = "wikitext-2", data_dir: Optional[str] = None, fetch: bool = True,
+                 specs: dict = DATASETS) -> str:
+    """The directory holding every split of dataset NAME, in this order: data_dir when
+    given (fetched into when incomplete); else $DIST_LM_DATA_MIRROR/NAME when complete;
+    else dataset_cache(NAME), fetched there when incomplete. fetch=False never
+    downloads: a missing dataset is then a UsageError of one line saying where to put
+    it. specs: the archives and digests to fetch and check (DATASETS)."""
+    mirror = os.environ.get(MIRROR_ENV)
+    if data_dir:
+        target, or_else = data_dir, ""
+    else:
+        if mirror and not _missing(os.path.join(mirror, name), specs[name]):
+            return os.path.join(mirror, name)
+        now = f" (now {mirror}, which has no complete {name}/)" if mirror else ""
+        target, or_else = dataset_cache(name), \
+            f", or set {MIRROR_ENV} to a directory holding {name}/{now}"
+    missing = _missing(target, specs[name])
+    if missing and not fetch:
+        make = "make data" + (f" DATA_DIR={target}" if data_dir else "")
+        raise UsageError(f"no {name} in {target} (no {', '.join(missing)}): put its files "
+                         f"there, run `{make}` to fetch them{or_else}")
+    if missing:
+        download_dataset(name, target, specs, or_else)
+    return target
+
+
+def _missing(directory: str, spec: dict) -> List[str]:
+    return [f for f in spec["files"] if not os.path.isfile(os.path.join(directory, f))]
+
+
+def download_dataset(name: str, data_dir: str, specs: dict = DATASETS,
+                     or_else: str = "") -> None:
+    """Fetches a WikiText archive into data_dir and verifies every file's sha1 (the
+    archive's and each split's, from specs); nothing unverified is left in data_dir.
+    or_else: another way to provide the files, for the message when offline."""
     from mxnet.gluon.utils import _get_repo_file_url, download
 
-    spec = DATASETS[name]
+    spec = specs[name]
     archive, archive_sha1 = spec["archive"]
     url = _get_repo_file_url(f"gluon/dataset/{name}", archive)
-    os.makedirs(data_dir, exist_ok=True)
+    try:
+        os.makedirs(data_dir, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"cannot create {data_dir} for {name}: {err.strerror}; "
+                         f"put its files there by hand{or_else}") from None
     with tempfile.TemporaryDirectory(dir=data_dir, prefix=".download-") as tmp:
         try:
-            path = download(url, path=os.path.join(tmp, archive), sha1_hash=archive_sha1,
-                            retries=1, verify_ssl=True)
+            # Its "Downloading <temporary path>..." line is noise; the result is said below.
+            with contextlib.redirect_stdout(io.StringIO()):
+                path = download(url, path=os.path.join(tmp, archive), retries=1,
+                                verify_ssl=True)
         except Exception as err:  # urllib/requests errors differ by version
-            raise UsageError(f"cannot download {name} from {url} ({type(err).__name__}: "
-                             f"{err}); put its files in {data_dir} by hand") from None
+            raise UsageError(f"cannot download {name} from {url} ({_reason(err)}); "
+                             f"put its files in {data_dir} by hand{or_else}") from None
         if not _sha1_ok(path, archive_sha1):
-            raise UsageError(f"downloaded {archive} has the wrong sha1; refusing it")
+            raise UsageError(f"{url} has the wrong sha1 (not {archive_sha1}); refusing it")
         with zipfile.ZipFile(path) as zf:
             for member in zf.namelist():
                 base = os.path.basename(member)
@@ -111,9 +174,19 @@ def download_dataset(name: str, data_dir: str) -> None:
         for base, digest in spec["files"].items():
             staged = os.path.join(tmp, base)
             if not os.path.exists(staged) or not _sha1_ok(staged, digest):
-                raise UsageError(f"{archive}: {base} is missing or has the wrong sha1")
+                raise UsageError(f"{archive}: {base} is missing or has the wrong sha1 "
+                                 f"(not {digest}); refusing it")
         for base in spec["files"]:
             os.replace(os.path.join(tmp, base), os.path.join(data_dir, base))
+    print(f"dist-lm: fetched {name} from {url} into {data_dir}, sha1 verified",
+          file=sys.stderr)
+
+
+def _reason(err: Exception) -> str:
+    """A download error in a few words: requests wraps the OS's reason ("[Errno 111]
+    Connection refused") in a line of pool and object names."""
+    errno = re.findall(r"\[Errno -?\d+\] [^'\")]+", str(err))
+    return errno[-1] if errno else f"{type(err).__name__}: {' '.join(str(err).split())[:200]}"
 
 
 def _sha1_ok(path: str, digest: str) -> bool:

@@ -293,6 +293,17 @@ class HorovodWorld(World):
         self.allreduce_sum(mx.nd.zeros((1,)), name="barrier").wait_to_read()
 
     def shutdown(self) -> None:
+        """Waits for every operation still queued in MXNet's engine, then shuts Horovod
+        down. A Horovod operation left queued (the stop agreement's last allreduce, whose
+        output waits behind an evaluation batch) would run after the shutdown and fail,
+        and MXNet's exit handler would print that error with a traceback after the rank's
+        last line. Every rank queued the same collectives, so the wait ends; with a peer
+        lost they fail instead: the exception being handled reports that, so the error
+        is dropped here (MXNet forgets an error once waitall has raised it)."""
+        try:
+            mx.nd.waitall()
+        except mx.base.MXNetError:
+            pass
         self.hvd.shutdown()
 
 

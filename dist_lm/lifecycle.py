@@ -3,8 +3,10 @@
 `StopFlag` turns SIGTERM/SIGINT (and SIGUSR1, which is how the project's launcher
 wrapper asks the ranks under mpirun to stop: mpirun forwards it at once, see
 dist_lm/launch.py) into a flag that the training loop shares every step, so that all ranks
-agree (an allreduce of the flag) to stop together after a checkpoint. A second signal, or
-one outside training, ends the process at once.
+agree (an allreduce of the flag) to stop together after a checkpoint. A second SIGTERM or
+SIGINT, or a signal outside training, ends the process at once; SIGUSR1 again is the same
+request (a worker pod's preStop hook and mpirun both send one when a drained node held the
+worker and the launcher, k8s/base/mpijob.yaml).
 
 `Watchdog` ends the process with a one-line message (exit code 4) when the loop makes no
 progress for `timeout` seconds: the guard against a peer that died or collectives that
@@ -13,11 +15,15 @@ also ends a rank that a stop signal cannot reach: Python runs a signal handler o
 when the main thread returns from C, and a rank blocked in a collective with a vanished
 peer never does. The watchdog thread learns of the signal from the wakeup pipe that
 Python's C-level handler writes to, and exits the process `stop_grace_s` later if the
-handler still has not run.
+handler still has not run. A wait that is known to be long, a checkpoint write (rank 0
+writes and hashes while the other ranks wait in a collective), is declared with
+`Watchdog.waiting`: it has its own limit, and a stop signal meanwhile is left for the
+loop to act on once the wait is over.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import signal
@@ -62,6 +68,8 @@ class StopFlag:
 
     def _handle(self, signum, frame) -> None:
         if signum == signal.SIGUSR1:  # a stop request, as SIGTERM (exit code 143)
+            if self._armed and self.signum:
+                return  # asked again: the same request
             signum = signal.SIGTERM
         if self._armed and not self.signum:
             self.signum = signum
@@ -78,11 +86,25 @@ class Watchdog:
         self.what = what
         self.stop_grace = stop_grace_s
         self._last = time.monotonic()
+        self._waiting = None  # (what, limit_s, flag) inside `waiting`
         self._stop = threading.Event()
         self._thread = None
 
     def beat(self) -> None:
         self._last = time.monotonic()
+
+    @contextlib.contextmanager
+    def waiting(self, what: str, limit_s: float, flag: str):
+        """A long wait that is progress: inside it the limit is limit_s (flag names it;
+        0: none) instead of the watchdog's, and a stop signal gets no grace (the rank's
+        Python handler runs when the wait is over and the loop stops at the agreed step)."""
+        self.beat()  # beat, then declare (and the reverse at the end): see _watch
+        self._waiting = (what, limit_s, flag)
+        try:
+            yield
+        finally:
+            self.beat()
+            self._waiting = None
 
     def __enter__(self) -> "Watchdog":
         if self.timeout > 0:
@@ -120,8 +142,16 @@ class Watchdog:
                 signalled = time.monotonic()
             if self._stop.is_set():
                 return
-            now = time.monotonic()
+            # A wait read as over is always seen with the beat that ended it.
+            now, waiting = time.monotonic(), self._waiting
             idle = now - self._last
+            if waiting is not None:
+                what, limit, flag = waiting
+                if limit and idle > limit:
+                    exit_now(f"{what} has not finished after {idle:.0f}s ({flag} "
+                             f"{limit:g}): its storage may be stalled, or a peer rank died "
+                             f"or stopped answering; exiting")
+                continue
             if idle > self.timeout:
                 exit_now(f"no {self.what} progress for {idle:.0f}s "
                          f"(--watchdog-s {self.timeout:g}): a peer rank may have died or "

@@ -6,6 +6,14 @@ computes the same function with `F.Dropout` and hybridizes. Its children carry t
 names (`embedding`, `encoder`, `decoder`), so `.params` files load across the two where
 the architectures match (see tests/test_model.py).
 
+Every dropout mask is drawn here by MXNet's own `Dropout` operator with `cudnn_off`, from
+the generator the training loop seeds with (seed, rank, step) before each step: never by
+the fused `RNN` operator. That operator's own dropout between layers is skipped by MXNet
+1.9.1's CPU kernel (oneDNN: a training-mode forward equals predict mode), and cuDNN's
+keeps a random state of its own that `mx.random.seed` does not reset (no exact resume,
+possibly the same masks on every rank). So a multi-layer LSTM with dropout runs one fused
+call per layer with a dropout between (`_LSTM`), and CPU and GPU train the same model.
+
 Shapes (T = time steps, B = batch columns, V = vocabulary, E = embed, H = hidden):
     inputs  (T, B) int token ids
     states  standard: [h (L, B, H), c (L, B, H)]
@@ -24,6 +32,22 @@ from .config import ModelConfig
 from .presets import PRESETS  # noqa: F401 (also importable from here)
 
 
+def _dropout(F, x, p: float, axes=()):
+    """Dropout of x while training (identity in predict mode), its mask from MXNet's
+    generator on every device: cudnn_off keeps cuDNN's own generator out."""
+    return F.Dropout(x, p=p, axes=axes, cudnn_off=True)
+
+
+class _Dropout(nn.Dropout):
+    """`nn.Dropout` (same name, no parameters) drawing its mask with `_dropout`."""
+
+    def _alias(self) -> str:
+        return "dropout"
+
+    def hybrid_forward(self, F, x):
+        return _dropout(F, x, self._rate, self._axes) if self._rate > 0 else F.identity(x)
+
+
 class _RowDropEmbedding(nn.Embedding):
     """Embedding whose rows (whole words) are dropped with probability p while training."""
 
@@ -33,7 +57,7 @@ class _RowDropEmbedding(nn.Embedding):
 
     def hybrid_forward(self, F, x, weight):
         # weight (V, E): one Bernoulli draw per row, shared along axis 1.
-        weight = F.Dropout(weight, p=self._p, axes=(1,))
+        weight = _dropout(F, weight, self._p, axes=(1,))
         return super().hybrid_forward(F, x, weight)
 
 
@@ -49,6 +73,10 @@ class _LSTM(rnn.LSTM):
     and concatenating rows gives the same vector, bit for bit, through the fast row copy
     (0.3 ms). Layout TNC, one direction, no projection or sequence lengths (the zoo's
     LSTMs; the constructor refuses others).
+
+    With `dropout` and several layers it runs one fused call per layer and drops out
+    between them itself (see the module docstring): the fused operator's own dropout is
+    never used.
     """
 
     def _alias(self) -> str:
@@ -65,20 +93,42 @@ class _LSTM(rnn.LSTM):
                              "projection or sequence lengths; use rnn.LSTM otherwise")
 
     def _forward_kernel(self, F, inputs, states, sequence_length, **kwargs):
-        # Only the packing differs from Gluon's kernel; hybrid_forward (state checks,
-        # skip_states) is rnn.LSTM's. Each block viewed as (-1, 4H) rows.
-        width = 4 * self._hidden_size
+        # Only the packing and the dropout between layers differ from Gluon's kernel;
+        # hybrid_forward (state checks, skip_states) is rnn.LSTM's.
+        if self._dropout and self._num_layers > 1:
+            return self._layer_by_layer(F, inputs, states, kwargs)
+        return self._fused(F, inputs, states, range(self._num_layers), kwargs)
+
+    def _fused(self, F, inputs, states, layers, kwargs):
+        """One fused `RNN` call over `layers` (consecutive), with no dropout of its own.
+        inputs (T, B, C); states [h, c], each (len(layers), B, H)."""
+        width = 4 * self._hidden_size  # each weight and bias block viewed as (-1, 4H) rows
         flat = F.concat(*[kwargs[f"l{layer}_{gate}_{kind}"].reshape((-1, width))
                           for kind in ("weight", "bias")
-                          for layer in range(self._num_layers)
+                          for layer in layers
                           for gate in ("i2h", "h2h")], dim=0).reshape((-1,))
         out = F.RNN(inputs, flat, *states, state_size=self._hidden_size,
-                    num_layers=self._num_layers, bidirectional=False, p=self._dropout,
+                    num_layers=len(layers), bidirectional=False, p=0.0,
                     state_outputs=True, mode="lstm",
                     lstm_state_clip_min=self._lstm_state_clip_min,
                     lstm_state_clip_max=self._lstm_state_clip_max,
                     lstm_state_clip_nan=self._lstm_state_clip_nan)
         return out[0], [out[1], out[2]]
+
+    def _layer_by_layer(self, F, x, states, kwargs):
+        """The stack as one fused call per layer with `_dropout` of each layer's output
+        (T, B, H) before the next: the fused operator's dropout semantics (a fresh mask
+        per element, none after the last layer), with the mask drawn where it is seeded.
+        states [h, c], each (L, B, H); layer l's state is row l."""
+        h_out, c_out = [], []
+        for layer in range(self._num_layers):
+            row = [F.slice_axis(s, axis=0, begin=layer, end=layer + 1) for s in states]
+            x, (h, c) = self._fused(F, x, row, [layer], kwargs)
+            h_out.append(h)
+            c_out.append(c)
+            if layer < self._num_layers - 1:
+                x = _dropout(F, x, self._dropout)
+        return x, [F.concat(*h_out, dim=0), F.concat(*c_out, dim=0)]
 
 
 class _WeightDropLSTM(_LSTM):
@@ -93,7 +143,7 @@ class _WeightDropLSTM(_LSTM):
 
     def hybrid_forward(self, F, inputs, states, sequence_length=None, **kwargs):
         # l0_h2h_weight (4H, H): a fresh mask per forward, as in the AWD recipe.
-        kwargs["l0_h2h_weight"] = F.Dropout(kwargs["l0_h2h_weight"], p=self._p)
+        kwargs["l0_h2h_weight"] = _dropout(F, kwargs["l0_h2h_weight"], self._p)
         return super().hybrid_forward(F, inputs, states, sequence_length, **kwargs)
 
 
@@ -127,9 +177,9 @@ class LSTMLM(HybridBlock):
                     self.embedding.add(nn.Embedding(vocab_size, cfg.embed_size,
                                                     weight_initializer=init))
                 if awd and cfg.drop_i:
-                    self.embedding.add(nn.Dropout(cfg.drop_i, axes=(0,)))
+                    self.embedding.add(_Dropout(cfg.drop_i, axes=(0,)))
                 elif not awd and cfg.dropout:
-                    self.embedding.add(nn.Dropout(cfg.dropout))
+                    self.embedding.add(_Dropout(cfg.dropout))
             if awd:
                 self.encoder = nn.HybridSequential()
                 with self.encoder.name_scope():
@@ -178,7 +228,7 @@ class LSTMLM(HybridBlock):
                 x, (h, c) = lstm(x, states[2 * layer:2 * layer + 2])
                 out_states += [h, c]
                 if self._drop_h and layer < self._num_layers - 1:
-                    x = F.Dropout(x, p=self._drop_h, axes=(0,))
+                    x = _dropout(F, x, self._drop_h, axes=(0,))
         else:
             x, out_states = self.encoder(x, states)
         return x, out_states
@@ -186,7 +236,7 @@ class LSTMLM(HybridBlock):
     def drop_output(self, F, x):
         """The output dropout of x (T, B, H_last): one mask per column, shared over time."""
         if self._dropout:
-            x = F.Dropout(x, p=self._dropout, axes=(0,))
+            x = _dropout(F, x, self._dropout, axes=(0,))
         return x
 
 

@@ -5,17 +5,25 @@
     run.json        facts of the run the config does not hold (ranks, eval columns)
     best.params     parameters with the best validation loss so far
     final.params    parameters at the end of the run
+    .lock           locked by the job that writes the directory; names its host and pid
 
 Every file is written to a temporary name in the same directory, fsynced and renamed, so
 a crash never leaves a half-written file under a final name. `make_run_dir` is called
-once at start-up; ranks other than 0 get a `QuietRunDir` whose writes do nothing.
+once at start-up; ranks other than 0 get a `QuietRunDir` whose writes do nothing. Rank
+0's `RunDir` locks the directory before it writes anything there, until `release` (see
+`RunDirLock`): a second job in the same directory is refused instead of pruning the
+first one's checkpoints and truncating its metrics. Reading a run (eval, generate,
+report) takes no lock.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import socket
 import tempfile
+import time
 from typing import Callable
 
 from .errors import UsageError
@@ -50,15 +58,76 @@ def write_text(path: str, text: str) -> None:
     atomic_write(path, write)
 
 
+class RunDirLock:
+    """An exclusive lock on a run directory for the life of a job: flock(2) on RUN_DIR/.lock,
+    which the kernel drops when the holder ends, however it ends (a killed job leaves the
+    file behind, never the lock). The holder writes its host, pid and start time into the
+    file, so that a refused job can name it. Raises UsageError when another job holds it."""
+
+    NAME = ".lock"
+
+    def __init__(self, directory: str):
+        self.fd = os.open(os.path.join(directory, self.NAME), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            holder = self._holder() if isinstance(err, BlockingIOError) else None
+            os.close(self.fd)
+            if holder is None:
+                raise UsageError(f"cannot lock run directory {directory}: "
+                                 f"{err.strerror}") from None
+            raise UsageError(f"run directory {directory} is in use by another job "
+                             f"({holder}); stop it or choose another --run-dir") from None
+        since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "since": since}
+        try:
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, (json.dumps(me) + "\n").encode("utf-8"), 0)
+        except OSError:
+            os.close(self.fd)
+            raise
+
+    def _holder(self) -> str:
+        """Who holds the lock, as its file says; a holder that has just taken it may not
+        have written it yet."""
+        for _ in range(10):
+            try:
+                who = json.loads(os.pread(self.fd, 4096, 0).decode("utf-8"))
+                return f"host {who['host']}, pid {who['pid']}, since {who['since']}"
+            except (ValueError, KeyError, TypeError):
+                time.sleep(0.1)
+        return "its host and pid are not recorded"
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        try:
+            os.ftruncate(self.fd, 0)  # no stale name for the next holder's refusals
+        except OSError:
+            pass
+        finally:
+            os.close(self.fd)         # and with it the lock
+            self.fd = None
+
+
 class RunDir:
     def __init__(self, path: str):
         self.path = path
         try:
             os.makedirs(path, exist_ok=True)
+            self.lock = RunDirLock(path)  # before anything in it is written or truncated
+        except OSError as err:
+            raise UsageError(f"run directory {path} is not writable: {err.strerror}") from None
+        try:
             probe = tempfile.NamedTemporaryFile(dir=path, prefix=".probe-")
             probe.close()
         except OSError as err:
+            self.release()
             raise UsageError(f"run directory {path} is not writable: {err.strerror}") from None
+
+    def release(self) -> None:
+        """Unlocks the directory: the job has written its last file there."""
+        self.lock.release()
 
     def file(self, name: str) -> str:
         return os.path.join(self.path, name)
@@ -101,6 +170,19 @@ class RunDir:
                              f"continue that run, or choose another --run-dir")
         return find_resume(spec, directory, strict)
 
+    def start_line(self, found) -> None:
+        """Resuming from `found`: the checkpoints after it, and the best.params and
+        final.params of their line, are moved aside into checkpoints/abandoned/ (see
+        checkpoint.start_line), so that pruning and --resume auto follow the new line."""
+        from .checkpoint import start_line
+
+        try:
+            start_line(self.file("checkpoints"), found, self.file("best.params"),
+                       self.file("final.params"))
+        except OSError as err:
+            raise UsageError(f"cannot move the checkpoints after step {found.meta['step']} "
+                             f"aside in {self.file('checkpoints')}: {_reason(err)}") from None
+
     def load_checkpoint(self, found, model, ctx) -> dict:
         """Loads the parameters into model; returns the checkpoint's other arrays as NumPy
         (optimizer state by name, and 'hidden/I': layer I's part of the global recurrent
@@ -136,6 +218,9 @@ class QuietRunDir(RunDir):
     def __init__(self, path: str):
         self.path = path
 
+    def release(self) -> None:
+        pass
+
     def write_json(self, name: str, obj) -> None:
         pass
 
@@ -150,6 +235,9 @@ class QuietRunDir(RunDir):
 
     def find_resume(self, spec: str, strict: bool):
         return None
+
+    def start_line(self, found) -> None:
+        pass
 
     def load_checkpoint(self, found, model, ctx) -> None:
         return None

@@ -1,7 +1,8 @@
 """Training: the reference notebook's recipe, or the AWD-LSTM one, on any number of ranks.
 
-`train` builds the run once: the config for this many ranks, this rank's columns of the
-data, the model and its trainer, the checkpoint parts (restored on --resume), and the
+`train` locks the run directory for the job (rank 0, before writing anything there) and
+builds the run once: the config for this many ranks, this rank's columns of the data,
+the model and its trainer, the checkpoint parts (restored on --resume), and the
 objects that do rank-0 work (reporter, run directory; quiet versions on other ranks).
 `fit` is the loop, top to bottom: epochs of BPTT steps, a log line every --log-interval
 steps, checkpoints when agreed, and at each epoch end validation, the plateau decision,
@@ -93,8 +94,16 @@ def train(cfg: Config, world: World) -> dict:
     ctx = world.context(cfg.run.context)
     run_dir = run_everywhere(world, lambda: make_run_dir(cfg.run.run_dir, world.is_root),
                              "run-dir")
+    try:
+        return train_in(run_dir, cfg, world, ctx)
+    finally:
+        run_dir.release()
+
+
+def train_in(run_dir, cfg: Config, world: World, ctx: mx.Context) -> dict:
+    """The job in its locked run directory: the run is built, then fitted."""
     corpus = load_corpus(cfg, world)
-    vocab_json = corpus.vocab.to_json()
+    vocab_json = corpus.vocab_json
     model = build_model(cfg.model, len(corpus.vocab))
     model.initialize(mx.init.Xavier(), ctx=ctx)
     stepper = Stepper(model, cfg, world, ctx)
@@ -256,14 +265,22 @@ def evaluate(run: Run, evaluator: Evaluator, states) -> float:
 
 def save_params(run: Run, name: str) -> None:
     """best.params or final.params: the NT-ASGD average once it switched on."""
-    with run.average.applied():
+    with run.average.applied(), writing(run, f"the write of {name}"):
         run_everywhere(run.world, lambda: run.run_dir.save_params(name, run.model), name)
 
 
 def save(run: Run, states) -> None:
-    run.checkpointer.save(states)
+    """A checkpoint of this point (every save of the run comes here)."""
+    with writing(run, "the checkpoint write"):
+        run.checkpointer.save(states)
     run.agreement.saved()
-    run.watchdog.beat()
+
+
+def writing(run: Run, what: str):
+    """Rank 0 writing while the others wait in a collective, however long the storage
+    takes: the watchdog's --checkpoint-timeout-s applies, not --watchdog-s."""
+    return run.watchdog.waiting(what, run.cfg.reliability.checkpoint_timeout_s,
+                                "--checkpoint-timeout-s")
 
 
 def stopped(run: Run, where: str) -> Preempted:

@@ -1,4 +1,4 @@
-"""Shared test helpers: paths to the shared WikiText-2 splits, a bounded CLI runner, and
+"""Shared test helpers: paths to the WikiText-2 splits, a bounded CLI runner, and
 launch/sim-cluster's simulated clusters."""
 
 from __future__ import annotations
@@ -14,10 +14,29 @@ from pathlib import Path
 
 import pytest
 
+from dist_lm.data import dataset_cache, find_dataset
+from dist_lm.errors import UsageError
 from dist_lm.procs import kill_session
 
 REPO = Path(__file__).resolve().parents[1]
-WIKITEXT2 = REPO.parent / "shared" / "data" / "wikitext-2"
+# Where a download would come from, for every dist-lm the tests start: a closed port on
+# this machine (the discard port), so that a test never fetches anything.
+os.environ["MXNET_GLUON_REPO"] = "http://127.0.0.1:9/"
+
+
+def _wikitext2():
+    """WikiText-2 as dist-lm's lookup finds it, never fetched: $DIST_LM_DATA_DIR (`make
+    test DATA_DIR=...`), else $DIST_LM_DATA_MIRROR/wikitext-2, else
+    ~/.mxnet/datasets/wikitext-2. Also the line that stops the run when it is nowhere."""
+    try:
+        found = find_dataset("wikitext-2", os.environ.get("DIST_LM_DATA_DIR") or None,
+                             fetch=False)
+        return Path(found), None
+    except UsageError as err:
+        return Path(dataset_cache("wikitext-2")), f"dist-lm tests: {err}"
+
+
+WIKITEXT2, NO_WIKITEXT2 = _wikitext2()
 VALID = WIKITEXT2 / "wiki.valid.tokens"
 TEST = WIKITEXT2 / "wiki.test.tokens"
 BIN = Path(sys.executable).parent
@@ -72,9 +91,15 @@ def heldout(tmp_path_factory):
     return path
 
 
+def pytest_configure(config):
+    """Most tests read WikiText-2: without it the run stops here, with one line."""
+    if NO_WIKITEXT2 and not config.option.help:
+        raise pytest.UsageError(NO_WIKITEXT2)
+
+
 @pytest.fixture(scope="session")
 def shared_data():
-    assert VALID.is_file() and TEST.is_file(), f"missing shared WikiText-2 files in {WIKITEXT2}"
+    """The directory of the WikiText-2 splits the tests read."""
     return WIKITEXT2
 
 

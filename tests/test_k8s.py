@@ -4,7 +4,7 @@ launch/submit renders), the Dockerfile and the shell scripts.
 Every manifest is checked three ways:
 - built-in kinds against Kubernetes' own schemas (kubernetes-validate, strict: unknown
   fields are errors, as `kubectl apply` makes them);
-- the MPIJob against the MPI Operator's CRD schema (../shared/schemas), made strict the
+- the MPIJob against the MPI Operator's CRD schema (vendored in k8s/schemas), made strict the
   same way, plus the rules the operator checks in code; its pod templates also as
   Kubernetes PodTemplates;
 - the properties the job relies on (GPUs = slots, -np = workers x slots, non-root, run dir
@@ -31,7 +31,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = REPO / ".venv" / "bin"
 SUBMIT = REPO / "launch" / "submit"
-CRD = REPO.parent / "shared" / "schemas" / "kubeflow.org_mpijobs.yaml"
+CRD = REPO / "k8s" / "schemas" / "kubeflow.org_mpijobs.yaml"  # vendored: k8s/schemas/README.md
 OVERLAYS = ["base", "overlays/single-node-8gpu", "overlays/multi-node"]
 # The oldest and the newest Kubernetes minor versions the manifests are checked against.
 K8S_VERSIONS = ["1.33.0", "1.37.0"]
@@ -286,6 +286,39 @@ def test_job_shape_and_launcher(rendered):
     assert value_after(train, "--data-dir").startswith("/data/")
 
 
+def test_an_evicted_worker_stops_its_ranks_with_a_checkpoint(rendered):
+    """The worker's preStop hook (run for real in tests/test_worker_eviction.py): SIGUSR1
+    to this pod's ranks, whose command line its pattern matches and its own shell's does
+    not, then a wait for orted and the ranks, every process lookup kept to the pod."""
+    job = one(rendered, "MPIJob")
+    pod = job["spec"]["mpiReplicaSpecs"]["Worker"]["template"]["spec"]
+    shell, flag, script = pod["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]
+    assert (shell, flag) == ("/bin/sh", "-c")
+    lookups = re.findall(r"\bp(?:kill|grep)\b[^\n|;]*", script)
+    assert len(lookups) >= 3 and all("--ns $$ --nslist net " in x for x in lookups), lookups
+    (signal_ranks,) = [x.split() for x in lookups if x.startswith("pkill")]
+    # SIGUSR1, not SIGTERM: the launcher's stop through mpirun is SIGUSR1 too, and one
+    # request sent twice is one stop (a second SIGTERM would end the ranks at once).
+    assert signal_ranks[1] == "-USR1"
+    pattern = re.search(r"-f '([^']+)'", " ".join(signal_ranks)).group(1)
+    launcher = job["spec"]["mpiReplicaSpecs"]["Launcher"]["template"]["spec"]["containers"][0]
+    train = launcher["args"][launcher["args"].index("dist-lm"):]
+    # A rank as ps shows it: the console script under its interpreter.
+    rank = " ".join(["/opt/venv/bin/python3.11", "/opt/venv/bin/dist-lm", *train[1:]])
+    assert re.search(pattern, rank) and not re.search(pattern, f"{shell} {flag} {script}")
+    waits = rf"while pgrep [^\n]*-x orted\b[^\n]*\|\|\s*pgrep [^\n]*-f '{re.escape(pattern)}'"
+    assert re.search(waits, script), script
+    assert pod["terminationGracePeriodSeconds"] >= 60
+
+
+def test_restarts_fit_a_long_job_on_preemptible_nodes(rendered):
+    """Every eviction costs the launcher a restart (or a few): a handful may not end the
+    job, and no deadline ends a job that evictions only slowed down."""
+    policy = one(rendered, "MPIJob")["spec"]["runPolicy"]
+    assert policy["backoffLimit"] >= 30
+    assert "activeDeadlineSeconds" not in policy
+
+
 def test_job_storage_and_shm(rendered):
     job = one(rendered, "MPIJob")
     pod = job["spec"]["mpiReplicaSpecs"]["Worker"]["template"]["spec"]
@@ -478,6 +511,9 @@ def test_dockerfile_matches_the_manifests():
                  "'ClientAliveInterval 5'", "'ClientAliveCountMax 3'"):
         assert line in text, line
     assert re.search(r"pip install .*-c launch/constraints\.txt -e \"\.\[\$\{VARIANT\}\]\"", text)
+    # pgrep and pkill, which the worker's preStop hook runs, in both variants.
+    bases = [s for s in re.split(r"^FROM ", text, flags=re.M) if re.match(r"\S+ AS base-", s)]
+    assert len(bases) == 2 and all(re.search(r"\bprocps\b", s) for s in bases)
 
 
 def ignore_directives_are_justified(path: Path, directive: str) -> None:

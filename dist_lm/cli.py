@@ -25,7 +25,7 @@ from typing import List, Optional
 
 from .config import add_config_args, config_from_args
 from .errors import BenchFailed, NonFiniteError, Preempted, RanksOutOfSync, UsageError
-from .lifecycle import STOP, exit_now, say
+from .runtime.lifecycle import STOP, exit_now, say
 
 # Horovod's and Gloo's words for "a peer rank failed or stopped answering".
 PEER_FAILURE = ("Horovod has been shut down", "HorovodInternalError", "Timed out waiting",
@@ -81,16 +81,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     p.add_argument("--out", default="report.png", help="the PNG to write")
 
-    from .bench import add_args as add_bench_args
+    from .tools.bench import add_args as add_bench_args
     p = sub.add_parser("bench", help="throughput of the reference loop and of dist-lm")
     add_bench_args(p)
 
-    from .scale import add_args as add_scale_args
+    from .tools.scale import add_args as add_scale_args
     p = sub.add_parser("bench-scale", help="start-up and memory on a WikiText-103-size "
                                            "synthetic corpus")
     add_scale_args(p)
 
-    from .netbench import add_args as add_net_args
+    from .tools.netbench import add_args as add_net_args
     p = sub.add_parser("bench-net", help="the gradient allreduce across simulated nodes "
                                          "with shaped links (root)")
     add_net_args(p)
@@ -116,8 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
-    from .dist import make_world
-    from .train import train
+    from .runtime.dist import make_world
+    from .training.train import train
 
     world = make_world(args.dist, cfg.dist.fusion_threshold_mb, cfg.dist.cycle_time_ms)
     try:
@@ -130,8 +130,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def load_run(run_dir: str, params: str):
     """A run directory's config, run record, vocabulary and the path of its parameters."""
     from .config import Config
-    from .data import vocab_from_json
-    from .rundir import read_json
+    from .data.text import vocab_from_json
+    from .training.rundir import read_json
 
     if not os.path.isdir(run_dir):
         raise UsageError(f"--run-dir {run_dir}: no such directory")
@@ -152,9 +152,9 @@ def load_run(run_dir: str, params: str):
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .corpus import eval_columns
-    from .dist import make_world
-    from .evaluate import evaluate_run
+    from .data.corpus import eval_columns
+    from .runtime.dist import make_world
+    from .training.evaluate import evaluate_run
 
     cfg, _, vocab, params = load_run(args.run_dir, args.params)
     cfg.data.train_file = cfg.data.valid_file = cfg.data.test_file = None
@@ -179,9 +179,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .dist import LocalWorld
-    from .generate import format_text, sample_words
-    from .checkpoint import load_params
+    from .runtime.dist import LocalWorld
+    from .tools.generate import format_text, sample_words
+    from .training.checkpoint import load_params
     from .model import build_model
 
     cfg, _, vocab, params = load_run(args.run_dir, args.params)
@@ -195,7 +195,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import plot, read_metrics, summarize
+    from .tools.report import plot, read_metrics, summarize
 
     runs = {d: read_metrics(d) for d in args.run_dirs}
     try:
@@ -213,39 +213,39 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import run
+    from .tools.bench import run
 
     return run(args)
 
 
 def cmd_bench_scale(args: argparse.Namespace) -> int:
-    from .scale import run
+    from .tools.scale import run
 
     return run(args)
 
 
 def cmd_bench_net(args: argparse.Namespace) -> int:
-    from .netbench import run
+    from .tools.netbench import run
 
     return run(args)
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from .data import find_dataset
+    from .data.text import find_dataset
 
     print(find_dataset(args.dataset, args.data_dir))
     return 0
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from .launcher_env import configure_process
+    from .runtime.launcher_env import configure_process
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["launch"]:
         # The supervisor of a launcher, not a rank: it must not set this process's
         # threads (it forwards what is set here to every rank with -x) nor start MPI,
         # and it handles signals itself. Its own arguments are the launcher's.
-        from .launch import main as launch
+        from .runtime.launch import main as launch
 
         return launch(argv[1:])
     # SIGTERM/SIGINT: a clean stop within two steps while training, else an

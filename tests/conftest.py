@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from dist_lm.data import dataset_cache, find_dataset
+from dist_lm.data.text import dataset_cache, find_dataset
 from dist_lm.errors import UsageError
-from dist_lm.procs import kill_session
+from dist_lm.runtime.procs import kill_session
 
 REPO = Path(__file__).resolve().parents[1]
 # Where a download would come from, for every dist-lm the tests start: a closed port on

@@ -18,17 +18,17 @@ import pytest
 
 from conftest import (BIN, VALID, data_args, dist_lm, launcher, max_param_diff, parse_config,
                       records, run, start, wait_for)
-from dist_lm.bptt import FixedWindows, VariableWindows, draw_seq_len
-from dist_lm.checkpoint import BASE_FORMAT, FORMAT_VERSION, Progress, format_of
+from dist_lm.data.bptt import FixedWindows, VariableWindows, draw_seq_len
+from dist_lm.training.checkpoint import BASE_FORMAT, FORMAT_VERSION, Progress, format_of
 from dist_lm.config import ModelConfig
-from dist_lm.data import ColumnShard
+from dist_lm.data.text import ColumnShard
 from dist_lm.errors import UsageError
 from dist_lm.model import build_model
-from dist_lm.ntasgd import Averager
+from dist_lm.training.ntasgd import Averager
 from dist_lm.presets import PRESETS
-from dist_lm.regularize import (RegularizedTokenLoss, activation_reg,
-                                temporal_activation_reg)
-from dist_lm.schedule import LRSchedule
+from dist_lm.training.regularize import (RegularizedTokenLoss, activation_reg,
+                                         temporal_activation_reg)
+from dist_lm.training.schedule import LRSchedule
 
 V = 60
 ZERO = dict(dropout=0.0, weight_drop=0.0, drop_h=0.0, drop_i=0.0, drop_e=0.0)
@@ -174,14 +174,14 @@ def test_variable_windows_walk_the_columns_by_token_as_the_script_does():
 
 
 def train_here(*argv):
-    from dist_lm.dist import LocalWorld
-    from dist_lm.train import train
+    from dist_lm.runtime.dist import LocalWorld
+    from dist_lm.training.train import train
 
     return train(parse_config(*argv), LocalWorld())
 
 
 def test_every_step_trains_the_drawn_length_at_the_scaled_lr(heldout, tmp_path, monkeypatch):
-    from dist_lm.stepper import Stepper
+    from dist_lm.training.stepper import Stepper
 
     calls = []
     real = Stepper.step

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from conftest import BIN, TEST, TINY, VALID, WIKITEXT2, data_args, dist_lm
-from dist_lm import cache as C
-from dist_lm import data as D
+from dist_lm.data import cache as C
+from dist_lm.data import text as D
 from dist_lm.errors import UsageError
 
 
@@ -129,7 +129,7 @@ def test_a_worker_stops_when_the_build_that_started_it_has_ended(tmp_path):
     """A builder killed outright (SIGKILL, an aborting job) runs no cleanup: its workers
     notice that their parent is gone and stop at the next chunk."""
     size = os.path.getsize(VALID)
-    proc = subprocess.run([sys.executable, "-m", "dist_lm.cache", str(VALID), "0", str(size),
+    proc = subprocess.run([sys.executable, "-m", "dist_lm.data.cache", str(VALID), "0", str(size),
                            str(tmp_path / "part.i32"), str(os.getpid() + 10 ** 6)],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and proc.stdout == ""
@@ -218,7 +218,7 @@ def test_a_damaged_entry_is_rebuilt_with_a_warning(tmp_path, heldout, damage, ca
 def test_two_processes_building_at_once_build_once_and_agree(tmp_path):
     """Both start on an empty cache; the lock lets one build while the other waits."""
     root, out = tmp_path / "c", tmp_path / "out"
-    code = ("import sys, numpy as np\nfrom dist_lm.cache import CorpusCache\n"
+    code = ("import sys, numpy as np\nfrom dist_lm.data.cache import CorpusCache\n"
             "c = CorpusCache(sys.argv[1]); v = c.vocab(sys.argv[2], 1, None)\n"
             "np.save(sys.argv[3], np.array(c.ids(sys.argv[2], v)))\n"
             "print(len(v))\n")

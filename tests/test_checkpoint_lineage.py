@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY, data_args, max_param_diff
-from dist_lm.checkpoint import Checkpoint, list_checkpoints, start_line, verify
+from dist_lm.training.checkpoint import Checkpoint, list_checkpoints, start_line, verify
 from dist_lm.cli import main
 
 RECIPE = [*TINY, "--epochs", "2", "--log-interval", "5", "--lr", "1"]

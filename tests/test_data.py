@@ -3,7 +3,7 @@ import mxnet as mx
 import numpy as np
 import pytest
 
-from dist_lm import data as D
+from dist_lm.data import text as D
 from dist_lm.config import DataConfig
 from dist_lm.errors import UsageError
 

@@ -9,7 +9,7 @@ import socket
 import pytest
 
 from conftest import BIN, TINY, data_args, launcher, run
-from dist_lm.corpus import data_mismatch
+from dist_lm.data.corpus import data_mismatch
 
 FLAGS = {"train": "--train-file", "valid": "--data-dir", "test": "--data-dir",
          "vocabulary": "--train-file"}

@@ -218,7 +218,7 @@ def test_a_run_validates_on_the_same_global_columns_at_any_rank_count(heldout, t
 BROADCAST = """
 import os
 import numpy as np
-from dist_lm.dist import make_world
+from dist_lm.runtime.dist import make_world
 w = make_world()
 rng = np.random.default_rng(7)
 sent = {"0/0": rng.standard_normal((300, 17)).astype(np.float32),

@@ -12,7 +12,7 @@ import pytest
 from dist_lm.config import ModelConfig
 from dist_lm.model import TokenLoss, _LSTM, build_model
 from dist_lm.presets import PRESETS
-from dist_lm.stepper import reseed
+from dist_lm.training.stepper import reseed
 
 V = 200
 

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 
 from conftest import TINY, data_args, parse_config, records
-from dist_lm.checkpoint import list_checkpoints, verify
-from dist_lm.dist import LocalWorld, global_norm
+from dist_lm.training.checkpoint import list_checkpoints, verify
+from dist_lm.runtime.dist import LocalWorld, global_norm
 from dist_lm.errors import NonFiniteError
-from dist_lm.lifecycle import Agreement
-from dist_lm.schedule import LRSchedule
+from dist_lm.runtime.lifecycle import Agreement
+from dist_lm.training.schedule import LRSchedule
 
 
 # --- the schedule ------------------------------------------------------------------------
@@ -43,7 +43,7 @@ class TwoRanks(LocalWorld):
 
 def test_a_time_based_request_gives_exactly_one_checkpoint(monkeypatch):
     clock = {"t": 1000.0}
-    monkeypatch.setattr("dist_lm.lifecycle.time.time", lambda: clock["t"])
+    monkeypatch.setattr("dist_lm.runtime.lifecycle.time.time", lambda: clock["t"])
     agree = Agreement(TwoRanks(), checkpoint_minutes=1, checkpoint_steps=0)
     decisions = []
     for step in range(1, 9):
@@ -122,7 +122,7 @@ def test_the_aggregated_norm_equals_the_per_array_norm():
 # --- in-process training runs ---------------------------------------------------------------
 
 def train_here(*argv):
-    from dist_lm.train import train
+    from dist_lm.training.train import train
 
     return train(parse_config(*argv), LocalWorld())
 
@@ -132,7 +132,7 @@ def test_a_non_finite_step_after_the_last_log_line_stops_before_the_epoch_end(
     """The held-out text is 37 batches of 20 x 35; with log lines every 30 steps, steps
     31-37 are read only at the epoch end, which must check them before validating,
     keeping parameters as best, or checkpointing."""
-    from dist_lm.stepper import Stepper
+    from dist_lm.training.stepper import Stepper
 
     real = Stepper.step
     calls = {"n": 0}
@@ -204,7 +204,7 @@ def test_a_run_cut_into_max_steps_chunks_ends_where_an_uninterrupted_run_ends(
 def test_the_first_interval_after_a_resume_times_only_its_own_steps():
     """Throughput after a resume: the restored steps ran in another process, so only the
     steps taken here count against the time measured here."""
-    from dist_lm.meter import IntervalMeter
+    from dist_lm.training.meter import IntervalMeter
 
     meter = IntervalMeter(LocalWorld(), mx.cpu(), clip=0.25, nonfinite="stop")
     meter.load_state_dict({"steps": 8, "first_step": 1, "sums": [40.0, 8.0, 8.0, 0.0],
@@ -258,7 +258,7 @@ def test_the_host_waits_for_the_device_within_two_steps(monkeypatch):
     """Without a bound the host queues a whole log interval of steps ahead of a slower
     device, and a stop's checkpoint waits for all of them."""
     from dist_lm.model import LSTMLM
-    from dist_lm.stepper import Stepper
+    from dist_lm.training.stepper import Stepper
 
     real = LSTMLM.features
 

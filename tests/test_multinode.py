@@ -34,9 +34,9 @@ from pathlib import Path
 import pytest
 
 from conftest import BIN, REPO, SIM, TINY, VALID, data_args, max_param_diff, run, sim_cluster
-from dist_lm.checkpoint import list_checkpoints, verify
-from dist_lm.launch import JobReport, forward_numerics, rank_hosts
-from dist_lm.procs import kill_session
+from dist_lm.training.checkpoint import list_checkpoints, verify
+from dist_lm.runtime.launch import JobReport, forward_numerics, rank_hosts
+from dist_lm.runtime.procs import kill_session
 
 WORKSTATION = REPO / "launch" / "train-workstation.sh"
 END_BOUND_S = 60
@@ -402,7 +402,7 @@ def test_sigterm_to_the_wrapper_stops_every_rank_with_a_checkpoint(cluster, held
 # --- the environment --------------------------------------------------------------------------
 
 # One write of the whole line: mpirun interleaves ranks' output write by write.
-PRINT_SETTING = ("import os, socket; from dist_lm.launcher_env import configure_process; "
+PRINT_SETTING = ("import os, socket; from dist_lm.runtime.launcher_env import configure_process; "
                  "{} os.write(1, ' '.join(['rank', os.environ['OMPI_COMM_WORLD_RANK'], "
                  "socket.gethostname(), str(os.environ.get('MXNET_USE_MKLDNN_RNN')), "
                  "'\\n']).encode())")
@@ -576,7 +576,7 @@ def test_the_wrapper_forwards_only_numerics_variables_set_here():
 def test_horovodruns_own_traceback_shrinks_to_its_last_line():
     from io import BytesIO
 
-    from dist_lm.launch import _relay
+    from dist_lm.runtime.launch import _relay
 
     text = (b"[0]<stderr>:Traceback (most recent call last):\n"
             b"[0]<stderr>:  File \"x.py\", line 1\n"
@@ -601,7 +601,7 @@ def test_a_rank_blocked_in_c_when_a_stop_signal_comes_ends_itself():
     handler; the watchdog learns of the signal from the wakeup pipe and ends the process
     with one line after the stop grace."""
     code = ("import ctypes, signal\n"
-            "from dist_lm.lifecycle import STOP, Watchdog\n"
+            "from dist_lm.runtime.lifecycle import STOP, Watchdog\n"
             "signal.pthread_sigmask(signal.SIG_SETMASK, [])  # whatever the parent blocked\n"
             "STOP.install(); STOP.arm()\n"
             "with Watchdog(600, stop_grace_s=2):\n"

@@ -8,7 +8,8 @@ import pytest
 
 from conftest import VALID, dist_lm
 from dist_lm.errors import UsageError
-from dist_lm.netbench import bits_per_s, ring_ms
+from dist_lm.tools import netbench
+from dist_lm.tools.netbench import bits_per_s, ring_ms
 
 
 def test_the_ring_model_is_two_n_minus_one_over_n_bytes_over_bandwidth():
@@ -48,3 +49,11 @@ def test_it_measures_across_simulated_nodes_and_tears_the_cluster_down(tmp_path)
     left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert "dlbench" not in left
     assert not list(Path("/etc/netns").glob("dlbench-*"))
+
+
+def test_the_simulated_cluster_script_is_found_and_its_absence_is_one_line(monkeypatch, tmp_path):
+    assert netbench.SIM.is_file()  # this checkout's launch/sim-cluster
+    monkeypatch.setattr(netbench, "SIM", tmp_path / "no-sim-cluster")
+    with pytest.raises(UsageError, match=r"^bench-net: no .*no-sim-cluster: it runs from a "
+                                         r"checkout"):
+        netbench.Cluster(2).__enter__()

@@ -180,8 +180,8 @@ def test_device_syncs_happen_on_log_steps_only(heldout, tmp_path, monkeypatch):
 
     from dist_lm.cli import build_parser
     from dist_lm.config import config_from_args
-    from dist_lm.dist import LocalWorld
-    from dist_lm.train import train
+    from dist_lm.runtime.dist import LocalWorld
+    from dist_lm.training.train import train
 
     reads = {"n": 0}
     original = mx.nd.NDArray.asnumpy

@@ -18,11 +18,11 @@ import pytest
 from mxnet import autograd, gluon
 
 from conftest import BIN, REPO, dist_lm
-from dist_lm.bench import flops_per_token, param_count
+from dist_lm.tools.bench import flops_per_token, param_count
 from dist_lm.config import ModelConfig
 from dist_lm.model import TokenLoss, build_model
 from dist_lm.presets import PRESETS
-from dist_lm.procs import kill_session
+from dist_lm.runtime.procs import kill_session
 
 V = 300
 DROPOUT_OFF = dict(dropout=0.0, weight_drop=0.0, drop_h=0.0, drop_i=0.0, drop_e=0.0)
@@ -203,7 +203,7 @@ def test_the_performance_docs_gpu_table_is_what_the_formulas_give():
 
 ALLOC_PROBE = textwrap.dedent("""
     import resource, sys
-    from dist_lm.launcher_env import configure_process
+    from dist_lm.runtime.launcher_env import configure_process
     configure_process()
     import mxnet as mx
     shape = (700, 13777)  # bptt 35 x 20 columns x the WikiText-2 valid vocabulary, 38.6 MB
@@ -243,7 +243,7 @@ def test_per_array_sgd_takes_gluons_sgd_steps(momentum):
     """dist.make_optimizer's CPU SGD (one sgd_update per array) against Gluon's stock SGD
     (aggregated multi_sgd_update): same weights and momentum after steps with weight decay,
     rescaling, a learning-rate change and a checkpoint-style state read."""
-    from dist_lm.dist import make_optimizer
+    from dist_lm.runtime.dist import make_optimizer
 
     rs = np.random.RandomState(3)
     shapes = [(30, 8), (8,), (5, 5, 4), (1,)]
@@ -280,7 +280,7 @@ def test_per_array_sgd_takes_gluons_sgd_steps(momentum):
 
 
 def test_global_norm_on_cpu_is_the_norm_of_all_elements():
-    from dist_lm.dist import global_norm
+    from dist_lm.runtime.dist import global_norm
 
     rs = np.random.RandomState(5)
     arrays = [rs.randn(*s).astype("float32") for s in [(40, 7), (7,), (3, 3, 3)]]
@@ -329,8 +329,8 @@ def test_a_training_step_never_waits_for_its_own_work(monkeypatch, clip_mode, no
     step's loss (the bound that keeps the host within two steps of the device), and the
     step still runs."""
     from dist_lm.config import Config
-    from dist_lm.dist import LocalWorld
-    from dist_lm.stepper import Stepper
+    from dist_lm.runtime.dist import LocalWorld
+    from dist_lm.training.stepper import Stepper
 
     cfg = Config(model=ModelConfig(model="standard_lstm_lm_200",
                                    **dict(PRESETS["standard_lstm_lm_200"], **DROPOUT_OFF)))
@@ -402,7 +402,7 @@ def test_bench_rejects_unusable_data_before_measuring(tmp_path, text, message):
 
 def _ranks_of(variant):
     """Pids of the bench's worker ranks for variant that are running now."""
-    rank = f"^[^ ]*python[0-9.]* -m dist_lm.bench --worker {variant}"  # not mpirun's line
+    rank = f"^[^ ]*python[0-9.]* -m dist_lm.tools.bench --worker {variant}"  # not mpirun's line
     found = subprocess.run(["pgrep", "-f", rank], capture_output=True, text=True)
     return found.stdout.split()
 

@@ -16,8 +16,8 @@ import pytest
 
 from conftest import (BIN, TINY, VALID, data_args, dist_lm, launcher, max_param_diff, run,
                       start, wait_for)
-from dist_lm.checkpoint import list_checkpoints, verify
-from dist_lm.procs import kill_session
+from dist_lm.training.checkpoint import list_checkpoints, verify
+from dist_lm.runtime.procs import kill_session
 
 pytestmark = pytest.mark.dist
 # dropout stays on (0.2): resume must reproduce the dropout masks too.
@@ -225,7 +225,7 @@ def test_soak_no_memory_growth_and_no_drift(tmp_path):
 
 
 def test_the_watchdog_ends_a_process_that_makes_no_progress():
-    code = ("import time\nfrom dist_lm.lifecycle import Watchdog\n"
+    code = ("import time\nfrom dist_lm.runtime.lifecycle import Watchdog\n"
             "with Watchdog(1.0) as w:\n"
             "    for _ in range(3):\n        time.sleep(0.4)\n        w.beat()\n"
             "    time.sleep(30)\n")

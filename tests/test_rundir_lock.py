@@ -12,10 +12,10 @@ import sys
 import pytest
 
 from conftest import BIN, TINY, VALID, data_args, dist_lm, launcher, run, start, wait_for
-from dist_lm.checkpoint import list_checkpoints, verify
+from dist_lm.training.checkpoint import list_checkpoints, verify
 from dist_lm.errors import UsageError
-from dist_lm.procs import kill_session
-from dist_lm.rundir import QuietRunDir, RunDir, make_run_dir
+from dist_lm.runtime.procs import kill_session
+from dist_lm.training.rundir import QuietRunDir, RunDir, make_run_dir
 
 
 def in_use(run_dir, pid):
@@ -36,7 +36,7 @@ def test_a_locked_run_directory_refuses_a_second_writer_until_released(tmp_path)
 
 def test_the_lock_of_a_killed_holder_blocks_no_one(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c",
-                               "import sys, time\nfrom dist_lm.rundir import RunDir\n"
+                               "import sys, time\nfrom dist_lm.training.rundir import RunDir\n"
                                f"RunDir({str(tmp_path)!r})\nprint('locked', flush=True)\n"
                                "time.sleep(60)\n"], stdout=subprocess.PIPE, text=True)
     try:

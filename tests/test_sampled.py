@@ -12,7 +12,7 @@ from conftest import (BIN, TINY, VALID, data_args, dist_lm, launcher, max_param_
                       parse_config, records, run)
 from dist_lm.config import ModelConfig
 from dist_lm.model import LSTMLM, SampledTokenLoss
-from dist_lm.sampling import LogUniformSampler
+from dist_lm.training.sampling import LogUniformSampler
 
 
 # --- the sampler -------------------------------------------------------------------------
@@ -94,8 +94,8 @@ def test_sampled_loss_equals_gluonnlps_sampled_block(tie):
 
 def test_a_sampled_step_needs_its_step_number():
     """A default step would draw the same candidates at every step."""
-    from dist_lm.dist import LocalWorld
-    from dist_lm.stepper import Stepper
+    from dist_lm.runtime.dist import LocalWorld
+    from dist_lm.training.stepper import Stepper
 
     cfg = parse_config(*TINY, "--sampled-softmax", "12")
     model = LSTMLM(cfg.model, 60)

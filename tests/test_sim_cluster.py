@@ -16,7 +16,7 @@ import time
 import pytest
 
 from conftest import BIN, SIM, Sim, alive, run, sim_cluster
-from dist_lm.procs import kill_session
+from dist_lm.runtime.procs import kill_session
 
 pytestmark = pytest.mark.dist
 

@@ -14,8 +14,8 @@ import time
 import pytest
 
 from conftest import BIN, TINY, data_args, launcher, run, start, wait_for
-from dist_lm.checkpoint import list_checkpoints, verify
-from dist_lm.procs import kill_session
+from dist_lm.training.checkpoint import list_checkpoints, verify
+from dist_lm.runtime.procs import kill_session
 from test_reliability import rank_pid
 
 WRITE_S = 6     # each checkpoint write on rank 0
@@ -25,7 +25,8 @@ SLOW_STORAGE = f"""
 import os
 import time
 
-from dist_lm import lifecycle, rundir
+from dist_lm.runtime import lifecycle
+from dist_lm.training import rundir
 
 _write = rundir.RunDir.save_checkpoint  # rank 0's; other ranks have a QuietRunDir
 
@@ -74,7 +75,7 @@ def steps_of(run_dir):
 
 
 def test_a_wait_declared_to_the_watchdog_has_its_own_limit():
-    code = ("import time\nfrom dist_lm.lifecycle import Watchdog\n"
+    code = ("import time\nfrom dist_lm.runtime.lifecycle import Watchdog\n"
             "with Watchdog(1.0) as w:\n"
             "    with w.waiting('the checkpoint write', 5, '--checkpoint-timeout-s'):\n"
             "        time.sleep(2.5)\n"

@@ -27,7 +27,7 @@ import pytest
 import yaml
 
 from conftest import BIN, REPO, SIM, run, sim_cluster
-from dist_lm.procs import kill_session
+from dist_lm.runtime.procs import kill_session
 from test_mpijob_local import launcher_argv, local_command, operator_env, tool
 from test_multinode import (END_BOUND_S, Job, assert_same_run, job_processes, newest_checkpoint,
                             train_args, wait_until_nothing_runs)
@@ -151,7 +151,7 @@ def test_a_drained_node_that_held_the_launcher_too_stops_every_rank_with_a_check
 
 def test_sigusr1_again_is_the_same_stop_request_and_sigterm_again_ends_at_once():
     code = ("import os, signal\n"
-            "from dist_lm.lifecycle import STOP\n"
+            "from dist_lm.runtime.lifecycle import STOP\n"
             "STOP.install(); STOP.arm()\n"
             "for sig in (signal.SIGUSR1, signal.SIGUSR1):\n"
             "    os.kill(os.getpid(), sig)\n"

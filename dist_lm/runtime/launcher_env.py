@@ -18,7 +18,7 @@ LAUNCHER_VARS = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"
 # of a job must see the same values: `mpirun` passes a rank started over ssh only what
 # `-x` names, so a value set on the launcher's node would reach that node's ranks alone
 # (horovodrun forwards the whole environment). `configure_process` therefore makes every
-# rank's values rank 0's under mpirun, and the launcher wrapper (dist_lm/launch.py) adds
+# rank's values rank 0's under mpirun, and the launcher wrapper (dist_lm/runtime/launch.py) adds
 # `-x` for each one set where mpirun runs.
 NUMERICS_PREFIXES = ("OMP_", "KMP_", "GOMP_", "MKL_", "OPENBLAS_", "GOTO_", "BLIS_",
                      "DNNL_", "ONEDNN_", "MKLDNN_", "MXNET_")
@@ -54,7 +54,7 @@ def configure_threads() -> int:
             else (os.cpu_count() or 1)
         value = os.environ["OMP_NUM_THREADS"] = str(max(1, cores // local_size_from_env()))
     if not value.isdigit() or int(value) < 1:
-        from .errors import UsageError
+        from ..errors import UsageError
         raise UsageError(f"OMP_NUM_THREADS must be a positive integer, not '{value}'")
     return int(value)
 

@@ -26,7 +26,7 @@ import tempfile
 import time
 from typing import Callable
 
-from .errors import UsageError
+from ..errors import UsageError
 
 
 def atomic_write(path: str, write: Callable[[str], None]) -> None:

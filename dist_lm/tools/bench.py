@@ -46,7 +46,7 @@ import tempfile
 import time
 from typing import Dict, List, Tuple
 
-from .procs import kill_session
+from ..runtime.procs import kill_session
 
 VARIANTS = ("reference", "reference-tuned", "local", "hvd1", "hvd2-gloo", "hvd2-mpi", "pair2")
 DEFAULT_VARIANTS = ("reference", "local", "hvd1", "hvd2-gloo", "hvd2-mpi")
@@ -115,13 +115,13 @@ def add_args(p: argparse.ArgumentParser) -> None:
 def worker(args: argparse.Namespace) -> None:
     import mxnet as mx
 
-    from . import data as D
-    from .cache import CorpusCache, cache_root
-    from .config import Config, ModelConfig
-    from .dist import make_world
-    from .model import build_model
-    from .presets import PRESETS
-    from .stepper import Stepper, seed_everything, to_nd
+    from ..data import text as D
+    from ..data.cache import CorpusCache, cache_root
+    from ..config import Config, ModelConfig
+    from ..runtime.dist import make_world
+    from ..model import build_model
+    from ..presets import PRESETS
+    from ..training.stepper import Stepper, seed_everything, to_nd
 
     reference = args.variant.startswith("reference")
     # pair2: each of the two processes is its own world of one; only the columns split.
@@ -257,7 +257,7 @@ def profile(timed, args: argparse.Namespace, world) -> None:
 
 def _command(variant: str, args: argparse.Namespace) -> List[str]:
     bin_dir = os.path.dirname(sys.executable)
-    inner = [sys.executable, "-m", "dist_lm.bench", "--worker", variant,
+    inner = [sys.executable, "-m", "dist_lm.tools.bench", "--worker", variant,
              "--train-file", args.train_file, "--model", args.model,
              "--global-batch-size", str(args.global_batch_size), "--bptt", str(args.bptt),
              "--steps", str(args.steps), "--warmup", str(args.warmup),
@@ -344,7 +344,7 @@ def _run_one(variant: str, args: argparse.Namespace, cores: int) -> Dict:
 def _fail(variant: str, what: str, stderr: str) -> None:
     """Passes the worker's own output on (its traceback, if any), then stops the bench
     with one line that names the variant and the worker's last word."""
-    from .errors import BenchFailed
+    from ..errors import BenchFailed
 
     sys.stderr.write(stderr[-4000:])
     last = next((line.strip() for line in reversed(stderr.splitlines()) if line.strip()), "")
@@ -352,9 +352,9 @@ def _fail(variant: str, what: str, stderr: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from . import data as D
-    from .errors import UsageError
-    from .presets import PRESETS
+    from ..data import text as D
+    from ..errors import UsageError
+    from ..presets import PRESETS
 
     variants = [v for v in args.variants.split(",") if v]
     bad = [v for v in variants if v not in VARIANTS]
@@ -387,8 +387,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--exchange rows needs --sampled-softmax")
     # The workers' own checks, made once here so that bad data stops the bench at once;
     # this also builds the corpus cache the workers map.
-    from .cache import CorpusCache, cache_root
-    from .sampling import check_num_sampled
+    from ..data.cache import CorpusCache, cache_root
+    from ..training.sampling import check_num_sampled
 
     cache = CorpusCache(cache_root(args.cache_dir, args.train_file))
     vocab = cache.vocab(args.train_file, 1, None)
@@ -467,7 +467,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    from .launcher_env import configure_process, configure_threads
+    from ..runtime.launcher_env import configure_process, configure_threads
 
     # Before MXNet loads. The reference runs as the notebook would: threads only.
     variant = sys.argv[sys.argv.index("--worker") + 1] if "--worker" in sys.argv else ""
@@ -475,7 +475,7 @@ if __name__ == "__main__":
         configure_threads()
     else:
         configure_process()
-    parser = argparse.ArgumentParser(prog="dist_lm.bench")
+    parser = argparse.ArgumentParser(prog="dist_lm.tools.bench")
     parser.add_argument("--worker", choices=VARIANTS, dest="variant", required=True)
     parser.add_argument("--profile", action="store_true",
                         help="print per-operator times of the timed steps first")

@@ -35,16 +35,16 @@ from typing import Optional
 
 import mxnet as mx
 
-from .bptt import make_windows
+from ..config import Config
+from ..data.bptt import make_windows
+from ..data.corpus import Corpus, eval_columns, load_corpus
+from ..errors import Preempted
+from ..model import build_model
+from ..runtime.dist import World, run_everywhere
+from ..runtime.lifecycle import STOP, Agreement, StopAgreed, Watchdog
 from .checkpoint import Checkpointer, Parts, Progress, hidden_for_rank
-from .config import Config
-from .corpus import Corpus, eval_columns, load_corpus
-from .dist import World, run_everywhere
-from .errors import Preempted
 from .evaluate import Evaluator
-from .lifecycle import STOP, Agreement, StopAgreed, Watchdog
 from .meter import IntervalMeter
-from .model import build_model
 from .ntasgd import make_averager
 from .observe import TrainStats, make_reporter
 from .regularize import make_terms

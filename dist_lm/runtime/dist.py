@@ -119,12 +119,12 @@ class World:
             return mx.cpu()
         if spec in ("auto", "gpu"):
             if gpus == 0:
-                from .errors import UsageError
+                from ..errors import UsageError
                 raise UsageError("--context gpu: no GPU is visible to MXNet")
             return mx.gpu(self.local_rank % gpus)
         if spec.startswith("gpu:"):
             return mx.gpu(int(spec[4:]))
-        from .errors import UsageError
+        from ..errors import UsageError
         raise UsageError(f"--context must be auto, cpu, gpu or gpu:N, not '{spec}'")
 
     # Overridden by HorovodWorld; the local versions are identities.
@@ -167,7 +167,7 @@ class World:
     def check_in_sync(self, params, step: int) -> None:
         """Raises RanksOutOfSync on every rank unless all ranks hold bit-identical
         parameters. A device sync and a host copy of every parameter: debugging only."""
-        from .errors import RanksOutOfSync
+        from ..errors import RanksOutOfSync
 
         digest = hashlib.sha1()
         for name in sorted(params.keys()):
@@ -365,7 +365,7 @@ def run_everywhere(world: World, fn: Callable[[], Any], what: str) -> Any:
     """Runs fn on every rank and agrees on the outcome, so a bad input on one rank stops
     all ranks with the same message instead of leaving the others in a collective.
     Returns fn's result; raises the first rank's error (by rank order) on every rank."""
-    from .errors import UsageError
+    from ..errors import UsageError
 
     result, error = None, None
     try:

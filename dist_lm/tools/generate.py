@@ -11,8 +11,8 @@ from typing import List, Optional
 import mxnet as mx
 import numpy as np
 
-from .data import EOS
-from .errors import UsageError
+from ..data.text import EOS
+from ..errors import UsageError
 
 
 def sample_words(model, vocab, ctx: mx.Context, words: int, temperature: float,

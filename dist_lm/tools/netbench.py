@@ -31,10 +31,11 @@ import tempfile
 from pathlib import Path
 from typing import Dict, List
 
-from .errors import UsageError
-from .procs import kill_session
+from ..errors import UsageError
+from ..runtime.procs import kill_session
 
-SIM = Path(__file__).resolve().parents[1] / "launch" / "sim-cluster"
+# launch/sim-cluster of the checkout this package runs from (dist_lm/tools/ -> the root).
+SIM = Path(__file__).resolve().parents[2] / "launch" / "sim-cluster"
 NO_NETNS = 77
 UNITS = {"kbit": 1e3, "mbit": 1e6, "gbit": 1e9}
 
@@ -84,6 +85,9 @@ class Cluster:
         return done
 
     def __enter__(self) -> "Cluster":
+        if not SIM.is_file():
+            raise UsageError(f"bench-net: no {SIM}: it runs from a checkout of the "
+                             f"repository, which holds launch/sim-cluster")
         try:
             self.sim("up", str(self.nodes))
         except BaseException:  # a half-made cluster (or Ctrl-C during it) is torn down too
@@ -99,7 +103,7 @@ def worker_command(controller: str, nodes: int, args: argparse.Namespace,
                    fp16: bool) -> List[str]:
     bin_dir = os.path.dirname(sys.executable)
     hosts = ",".join(f"node{i}:1" for i in range(1, nodes + 1))
-    inner = [sys.executable, "-m", "dist_lm.bench", "--worker", "hvd2-mpi",
+    inner = [sys.executable, "-m", "dist_lm.tools.bench", "--worker", "hvd2-mpi",
              "--train-file", args.train_file, "--cache-dir", args.cache_dir,
              "--global-batch-size", str(10 * nodes),
              "--steps", str(args.steps), "--warmup", str(args.warmup)]
@@ -150,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
                          "mpi and/or gloo")
     if not os.path.isfile(args.train_file):
         raise UsageError(f"bench-net: --train-file {args.train_file} does not exist")
-    from .cache import CorpusCache
+    from ..data.cache import CorpusCache
 
     # The corpus cache, built here once: never beside the (possibly shared) data.
     args.cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="dist-lm-bench-net-cache-")

@@ -10,9 +10,9 @@ import mxnet as mx
 import numpy as np
 from mxnet import autograd
 
-from .config import Config
-from .dist import World
-from .model import SampledTokenLoss, TokenLoss
+from ..config import Config
+from ..model import SampledTokenLoss, TokenLoss
+from ..runtime.dist import World
 from .regularize import regularized_loss
 from .sampling import LogUniformSampler, check_num_sampled
 

@@ -1,7 +1,7 @@
 """The windows an epoch trains on: fixed BPTT (the standard recipe) or variable-length BPTT
 (GluonNLP's AWD-LSTM script, after Merity et al. 2018).
 
-Both read the same column layout (data.py): a window is rows [pos, pos + n) of every
+Both read the same column layout (text.py): a window is rows [pos, pos + n) of every
 column as inputs and rows [pos + 1, pos + n + 1) as targets, each (n, b).
 
     fixed      window i is rows [i*bptt, (i+1)*bptt): `ColumnShard.batch(i)`; an epoch is
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .data import ColumnShard
+from .text import ColumnShard
 
 P_FULL = 0.95     # probability of the full bptt as the mean
 SIGMA = 5.0       # standard deviation of the length, in tokens

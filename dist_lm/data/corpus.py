@@ -19,12 +19,12 @@ import socket
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
-from . import data as D
+from ..config import Config
+from ..errors import UsageError
+from ..hashing import text_digest
+from ..runtime.dist import World, run_everywhere
+from . import text as D
 from .cache import CorpusCache, cache_root
-from .config import Config
-from .dist import World, run_everywhere
-from .errors import UsageError
-from .hashing import text_digest
 
 
 @dataclass

@@ -47,9 +47,9 @@ from typing import Callable, Iterator, List, Optional, Tuple
 
 import numpy as np
 
-from .data import vocab_from_json
-from .errors import UsageError
-from .hashing import hash_file
+from ..errors import UsageError
+from ..hashing import hash_file
+from .text import vocab_from_json
 
 FORMAT = 1
 EOS = "<eos>"
@@ -172,11 +172,11 @@ def encode_part(path: str, start: int, end: int, out_path: str,
 def encode_parts(path: str, out_paths: List[str], bounds: List[Tuple[int, int]]):
     """encode_part on each part, in worker processes when there are several: the per-token
     dict lookups are most of a cold start and run on one core per process. The workers
-    are plain `python -m dist_lm.cache` processes (not multiprocessing's, which would
+    are plain `python -m dist_lm.data.cache` processes (not multiprocessing's, which would
     re-import the caller's main module in each) that print their result as JSON."""
     if len(bounds) == 1:
         return [encode_part(path, *bounds[0], out_paths[0])]
-    workers = [subprocess.Popen([sys.executable, "-m", "dist_lm.cache", path, str(start),
+    workers = [subprocess.Popen([sys.executable, "-m", "dist_lm.data.cache", path, str(start),
                                  str(end), out, str(os.getpid())], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE)
                for (start, end), out in zip(bounds, out_paths)]

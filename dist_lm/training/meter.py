@@ -16,7 +16,7 @@ import time
 import mxnet as mx
 import numpy as np
 
-from .errors import NonFiniteError
+from ..errors import NonFiniteError
 
 SUMS = ("loss", "grad_norm", "clipped", "nonfinite")
 

@@ -35,7 +35,7 @@ import threading
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from .errors import RanksOutOfSync
+from ..errors import RanksOutOfSync
 from .procs import kill_session
 
 
@@ -540,7 +540,7 @@ def _watch(proc: subprocess.Popen, argv: List[str], kind: str, report: JobReport
 
 USAGE = """usage: dist-lm launch [--grace S] LAUNCHER [ARGS...]
 Runs LAUNCHER (mpirun, horovodrun, ...) and makes sure the job ends whole, with one line
-that names the lost rank or node (see dist_lm/launch.py)."""
+that names the lost rank or node (see dist_lm/runtime/launch.py)."""
 
 
 def main(argv: Optional[List[str]] = None) -> int:

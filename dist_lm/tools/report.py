@@ -11,7 +11,7 @@ import os
 import statistics
 from typing import Dict, List
 
-from .errors import UsageError
+from ..errors import UsageError
 
 
 def read_metrics(run_dir: str) -> List[Dict]:

@@ -2,7 +2,7 @@
 
 `StopFlag` turns SIGTERM/SIGINT (and SIGUSR1, which is how the project's launcher
 wrapper asks the ranks under mpirun to stop: mpirun forwards it at once, see
-dist_lm/launch.py) into a flag that the training loop shares every step, so that all ranks
+dist_lm/runtime/launch.py) into a flag that the training loop shares every step, so that all ranks
 agree (an allreduce of the flag) to stop together after a checkpoint. A second SIGTERM or
 SIGINT, or a signal outside training, ends the process at once; SIGUSR1 again is the same
 request (a worker pod's preStop hook and mpirun both send one when a drained node held the

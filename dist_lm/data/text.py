@@ -28,9 +28,9 @@ from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
 
-from .config import DataConfig
-from .errors import UsageError
-from .hashing import hash_file
+from ..config import DataConfig
+from ..errors import UsageError
+from ..hashing import hash_file
 
 EOS = "<eos>"
 

@@ -13,8 +13,8 @@ from typing import Callable
 
 import mxnet as mx
 
-from . import data as D
-from .dist import World
+from ..data import text as D
+from ..runtime.dist import World
 from .stepper import hybrid_loss, to_nd
 
 
@@ -46,8 +46,8 @@ def evaluate_run(cfg, world: World, params_file: str, split: str, vocab,
                  columns: int) -> float:
     """Loss of saved parameters on one split, laid out in `columns` global columns."""
     from .checkpoint import load_params
-    from .corpus import load_corpus
-    from .model import build_model
+    from ..data.corpus import load_corpus
+    from ..model import build_model
 
     cfg.run.eval_batch_size = cfg.run.test_batch_size = columns
     ctx = world.context(cfg.run.context)

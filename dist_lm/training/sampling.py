@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import UsageError
+from ..errors import UsageError
 
 # Offset so that these draws never share a stream with anything else seeded by (seed, step).
 _STREAM = 0x5A3D

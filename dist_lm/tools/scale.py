@@ -45,8 +45,8 @@ from typing import Optional
 
 import numpy as np
 
-from .errors import UsageError
-from .procs import kill_session, session_members
+from ..errors import UsageError
+from ..runtime.procs import kill_session, session_members
 
 LINE = 100
 
@@ -213,7 +213,7 @@ def memory(args, corpus: str) -> None:
     """Runs the memory worker once per softmax and prints its stages side by side."""
     runs = {}
     for k in (None, args.sampled_softmax):
-        cmd = [sys.executable, "-m", "dist_lm.scale", "--memory-worker", "--vocab",
+        cmd = [sys.executable, "-m", "dist_lm.tools.scale", "--memory-worker", "--vocab",
                str(args.vocab), "--columns", str(args.columns)]
         cmd += ["--sampled-softmax", str(k)] if k else []
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout_s)
@@ -247,11 +247,11 @@ def memory_worker(vocab: int, columns: int, k: Optional[int]) -> None:
     """One process, no data: random ids at the given vocabulary. Prints MEMORY {json}."""
     import mxnet as mx
 
-    from .config import Config, ModelConfig
-    from .dist import LocalWorld
-    from .model import build_model
-    from .presets import PRESETS
-    from .stepper import Stepper, hybrid_loss, seed_everything, to_nd
+    from ..config import Config, ModelConfig
+    from ..runtime.dist import LocalWorld
+    from ..model import build_model
+    from ..presets import PRESETS
+    from ..training.stepper import Stepper, hybrid_loss, seed_everything, to_nd
 
     bptt, rss = 35, [_rss_mb()]
     seed_everything(1)
@@ -329,10 +329,10 @@ def throughput(args, corpus: str) -> None:
 
 
 if __name__ == "__main__":
-    from .launcher_env import configure_process
+    from ..runtime.launcher_env import configure_process
 
     configure_process()
-    parser = argparse.ArgumentParser(prog="dist_lm.scale")
+    parser = argparse.ArgumentParser(prog="dist_lm.tools.scale")
     parser.add_argument("--memory-worker", action="store_true", required=True)
     parser.add_argument("--vocab", type=int, required=True)
     parser.add_argument("--columns", type=int, required=True)

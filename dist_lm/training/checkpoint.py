@@ -61,9 +61,9 @@ from typing import Dict, List, Optional
 import mxnet as mx
 import numpy as np
 
-from .errors import UsageError
-from .hashing import hash_file, text_digest
-from .lifecycle import say
+from ..errors import UsageError
+from ..hashing import hash_file, text_digest
+from ..runtime.lifecycle import say
 from .schedule import LRSchedule
 
 FORMAT_VERSION = 3      # written when a checkpoint holds state format 2 has no place for
@@ -135,7 +135,7 @@ class Checkpointer:
     def save(self, hidden: List[mx.nd.NDArray]) -> None:
         """Checkpoints the parts as they are now; `hidden` is this rank's recurrent state,
         each (L, b, H). Raises on every rank if rank 0 cannot write."""
-        from .dist import run_everywhere
+        from ..runtime.dist import run_everywhere
 
         p = self.parts
         meter_state = p.meter.state_dict()  # reduced over ranks: every rank takes part
@@ -164,7 +164,7 @@ class Checkpointer:
         this run, and loads it into the parts on every rank; one given by path becomes the
         newest of the run directory's line (`start_line`). Returns the global hidden
         state when the checkpoint is inside an epoch, else None."""
-        from .dist import run_everywhere
+        from ..runtime.dist import run_everywhere
 
         rel = self.cfg.reliability
         found = run_everywhere(self.world, lambda: self.run_dir.find_resume(

@@ -1,0 +1,10 @@
+"""The distributed and process side: how ranks come to exist, talk, stop and end.
+
+`dist` is the only module that imports Horovod (the `World` a rank sees, the gradient
+allreduce-then-clip step, broadcasts); `lifecycle` turns signals into an agreed stop and
+runs the watchdog; `launcher_env` reads what the launcher tells a rank and makes the
+process-wide settings before MXNet loads; `launch` is `dist-lm launch`, the supervisor
+that ends a launched job whole; `procs` ends a launcher's whole session. Nothing here
+knows about language models, data or checkpoints: it may import only the top-level
+`errors`; never `data`, `training` or `tools`.
+"""

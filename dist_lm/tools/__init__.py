@@ -1,0 +1,9 @@
+"""Instruments and outputs around training: what measures it and what reads its results.
+
+`bench` (`dist-lm bench`: throughput against the reference notebook's loop, whose step
+is `reference`), `scale` (`dist-lm bench-scale`: start-up and memory at WikiText-103
+size), `netbench` (`dist-lm bench-net`: the allreduce across simulated nodes), `report`
+(`dist-lm report`: curves and a summary from metrics.jsonl) and `generate`
+(`dist-lm generate`: sampled text). It may import `training`, `data`, `runtime` and the
+top-level modules; nothing imports it but `cli`.
+"""

@@ -231,7 +231,7 @@ def cmd_bench_net(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from .data.text import find_dataset
+    from .data.datasets import find_dataset
 
     print(find_dataset(args.dataset, args.data_dir))
     return 0

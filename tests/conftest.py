@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from dist_lm.data.text import dataset_cache, find_dataset
+from dist_lm.data.datasets import dataset_cache, find_dataset
 from dist_lm.errors import UsageError
 from dist_lm.runtime.procs import kill_session
 

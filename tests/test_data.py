@@ -3,6 +3,7 @@ import mxnet as mx
 import numpy as np
 import pytest
 
+from dist_lm.data import datasets
 from dist_lm.data import text as D
 from dist_lm.config import DataConfig
 from dist_lm.errors import UsageError
@@ -37,18 +38,18 @@ def test_reading_matches_gluonnlp_corpus_dataset_on_wikitext():
 
 @pytest.mark.parametrize("layout", ["wikitext", "ptb"])
 def test_layouts_found_in_data_dir(tmp_path, layout):
-    names = D.LAYOUTS[layout]
+    names = datasets.LAYOUTS[layout]
     for name in names:
         write(tmp_path / name, f"{name} text\n")
-    splits = D.resolve_splits(DataConfig(data_dir=str(tmp_path)))
+    splits = datasets.resolve_splits(DataConfig(data_dir=str(tmp_path)))
     assert [splits.train, splits.valid, splits.test] == [str(tmp_path / n) for n in names]
 
 
 def test_explicit_files_override_data_dir(tmp_path):
-    for name in D.LAYOUTS["wikitext"]:
+    for name in datasets.LAYOUTS["wikitext"]:
         write(tmp_path / name, "x\n")
     other = write(tmp_path / "other.txt", "y\n")
-    splits = D.resolve_splits(DataConfig(data_dir=str(tmp_path), test_file=str(other)))
+    splits = datasets.resolve_splits(DataConfig(data_dir=str(tmp_path), test_file=str(other)))
     assert splits.test == str(other) and splits.train.endswith("wiki.train.tokens")
 
 
@@ -57,7 +58,7 @@ def test_missing_split_names_the_file_and_the_way_out(tmp_path):
     write(tmp_path / "wiki.test.tokens", "x\n")
     with pytest.raises(UsageError, match=r"train split .*wiki\.train\.tokens: no such file.*"
                                          r"--train-file.*--download wikitext-2"):
-        D.resolve_splits(DataConfig(data_dir=str(tmp_path)))
+        datasets.resolve_splits(DataConfig(data_dir=str(tmp_path)))
 
 
 @pytest.mark.parametrize("content,message", [
@@ -142,7 +143,7 @@ def test_download_refuses_an_archive_with_the_wrong_digest(tmp_path, monkeypatch
         monkeypatch.setenv("MXNET_GLUON_REPO", f"http://127.0.0.1:{server.server_port}/")
         target = tmp_path / "data"
         with pytest.raises(UsageError, match="wikitext-2"):
-            D.resolve_splits(DataConfig(data_dir=str(target), download="wikitext-2"))
+            datasets.resolve_splits(DataConfig(data_dir=str(target), download="wikitext-2"))
         assert not list(target.glob("wiki.*")), "nothing unverified may be left behind"
     finally:
         server.shutdown()
@@ -151,7 +152,7 @@ def test_download_refuses_an_archive_with_the_wrong_digest(tmp_path, monkeypatch
 def test_download_offline_fails_with_a_clear_message(tmp_path, monkeypatch):
     monkeypatch.setenv("MXNET_GLUON_REPO", "http://127.0.0.1:9/")  # discard port: refused
     with pytest.raises(UsageError, match="cannot download wikitext-2 .* by hand"):
-        D.resolve_splits(DataConfig(data_dir=str(tmp_path / "d"), download="wikitext-2"))
+        datasets.resolve_splits(DataConfig(data_dir=str(tmp_path / "d"), download="wikitext-2"))
 
 
 def test_nd_roundtrip_keeps_ids_exact():

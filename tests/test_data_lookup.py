@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, WIKITEXT2, dist_lm, run
-from dist_lm.data import text as D
+from dist_lm.data import datasets as D
 from dist_lm.config import DataConfig
 from dist_lm.errors import UsageError
 

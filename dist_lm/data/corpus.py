@@ -25,6 +25,7 @@ from ..hashing import text_digest
 from ..runtime.dist import World, run_everywhere
 from . import text as D
 from .cache import CorpusCache, cache_root
+from .datasets import resolve_splits
 
 
 @dataclass
@@ -50,9 +51,9 @@ def load_corpus(cfg: Config, world: World, need=("train", "valid", "test"),
     rank read the same, and keeps this rank's columns of each split. A bad input on any
     rank stops every rank."""
     # Rank 0 first, so that it alone downloads a missing dataset; then everyone else.
-    run_everywhere(world, lambda: D.resolve_splits(cfg.data, need) if world.is_root else
+    run_everywhere(world, lambda: resolve_splits(cfg.data, need) if world.is_root else
                    None, "splits-root")
-    splits = run_everywhere(world, lambda: D.resolve_splits(cfg.data, need), "splits")
+    splits = run_everywhere(world, lambda: resolve_splits(cfg.data, need), "splits")
 
     def from_cache():
         first = getattr(splits, "train" if "train" in need else need[0])

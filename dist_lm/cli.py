@@ -26,6 +26,7 @@ from typing import List, Optional
 from .config import add_config_args, config_from_args
 from .errors import BenchFailed, NonFiniteError, Preempted, RanksOutOfSync, UsageError
 from .runtime.lifecycle import STOP, exit_now, say
+from .runtime.selfreport import exit_record, started
 
 # Horovod's and Gloo's words for "a peer rank failed or stopped answering".
 PEER_FAILURE = ("Horovod has been shut down", "HorovodInternalError", "Timed out waiting",
@@ -243,33 +244,39 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["launch"]:
         # The supervisor of a launcher, not a rank: it must not set this process's
-        # threads (it forwards what is set here to every rank with -x) nor start MPI,
-        # and it handles signals itself. Its own arguments are the launcher's.
+        # threads (the ranks inherit this environment) nor start MPI, and it handles
+        # signals itself. Its own arguments are the launcher's.
         from .runtime.launch import main as launch
 
         return launch(argv[1:])
     # SIGTERM/SIGINT: a clean stop within two steps while training, else an
     # exit that still unwinds the stack (so open files are flushed and closed).
     STOP.install()
-    try:
-        configure_process()  # threads, allocator, MPI waiting: before MXNet and MPI load
-        args = build_parser().parse_args(argv)
-        commands = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate,
-                    "report": cmd_report, "bench": cmd_bench, "bench-scale": cmd_bench_scale,
-                    "bench-net": cmd_bench_net, "data": cmd_data}
-        return commands[args.command](args)
-    except (UsageError, RanksOutOfSync, NonFiniteError, Preempted, BenchFailed) as err:
-        rank = os.environ.get("HOROVOD_RANK", os.environ.get("OMPI_COMM_WORLD_RANK"))
-        where = f"[rank {rank}] " if rank is not None else ""
-        kind = "stopped" if isinstance(err, Preempted) else "error"
-        say(f"dist-lm: {kind}: {where}{err}")  # one write: see lifecycle.say
-        return err.exit_code
-    except RuntimeError as err:  # MXNetError and HorovodInternalError are RuntimeErrors
-        reason = peer_failure(err)
-        if reason is None:
-            raise
-        exit_now(f"lost a peer rank: {reason}")
-        raise  # not reached
+    # Under `dist-lm launch`: this rank's host and pid now, how it ended at the end
+    # (runtime/selfreport.py).
+    started()
+    with exit_record() as outcome:
+        try:
+            configure_process()  # threads, allocator, MPI waiting: before MXNet and MPI
+            args = build_parser().parse_args(argv)
+            commands = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate,
+                        "report": cmd_report, "bench": cmd_bench,
+                        "bench-scale": cmd_bench_scale, "bench-net": cmd_bench_net,
+                        "data": cmd_data}
+            outcome.set(commands[args.command](args))
+        except (UsageError, RanksOutOfSync, NonFiniteError, Preempted, BenchFailed) as err:
+            rank = os.environ.get("HOROVOD_RANK", os.environ.get("OMPI_COMM_WORLD_RANK"))
+            where = f"[rank {rank}] " if rank is not None else ""
+            kind = "stopped" if isinstance(err, Preempted) else "error"
+            say(f"dist-lm: {kind}: {where}{err}")  # one write: see lifecycle.say
+            outcome.set(err.exit_code, str(err), kind)
+        except RuntimeError as err:  # MXNetError, HorovodInternalError: RuntimeErrors
+            reason = peer_failure(err)
+            if reason is None:
+                raise
+            exit_now(f"lost a peer rank: {reason}")
+            raise  # not reached
+    return outcome.code
 
 
 def peer_failure(err: BaseException):

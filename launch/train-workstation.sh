@@ -56,8 +56,8 @@ case $CONTROLLER in
   mpi)
     extra=(-x PATH -x PYTHONUNBUFFERED=1)
     [ "$(id -u)" -eq 0 ] && extra+=(--allow-run-as-root)
-    # Forwarded only when set: mpirun warns about a variable it cannot find. The wrapper
-    # adds -x for every variable that changes numerics or threading (launcher_env.py).
+    # Forwarded only when set: mpirun warns about a variable it cannot find. Variables
+    # that change numerics or threading: every rank takes rank 0's (launcher_env.py).
     [ -n "${LD_LIBRARY_PATH:-}" ] && extra+=(-x LD_LIBRARY_PATH)
     [ -z "${IFACE:-}" ] || extra+=(-mca oob_tcp_if_include "$IFACE" -mca btl_tcp_if_include "$IFACE")
     # Across nodes: Open MPI's ring allreduce (its default took 2-3x as long over

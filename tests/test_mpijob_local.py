@@ -59,8 +59,9 @@ def drop_option(argv: list[str], flag: str) -> list[str]:
 
 def local_command(argv: list[str], run_dir: Path, np: int = 2,
                   train_args: list = ()) -> list[str]:
-    """The launcher's argv with only what must differ here rewritten: -np, root, and the
-    training options (tiny model, offline data, run dir; train_args, else 6 steps)."""
+    """The launcher's argv with only what must differ here rewritten: -np, root, one
+    OpenMP thread per rank, and the training options (tiny model, offline data, run dir;
+    train_args, else 6 steps)."""
     split = argv.index("train") - 1  # the ranks' command: dist-lm train ...
     wrapper = argv[:argv.index("mpirun")]
     mpirun, train = argv[len(wrapper):split], argv[split:]
@@ -69,6 +70,9 @@ def local_command(argv: list[str], run_dir: Path, np: int = 2,
 
     i = mpirun.index("-np")
     mpirun[i + 1] = str(np)
+    # The simulated nodes share this machine's cores. Given as the MPIJob gives any
+    # numerics or threading setting: no rank runs beside mpirun to pass its own on.
+    mpirun[1:1] = ["-x", "OMP_NUM_THREADS=1"]
     if os.geteuid() == 0:  # CI runs as root; the image does not
         mpirun.insert(1, "--allow-run-as-root")
 
@@ -118,9 +122,9 @@ def cluster(tmp_path_factory):
 @pytest.mark.dist
 def test_launcher_command_across_nodes_equals_one_process(cluster, heldout, tmp_path):
     """3 workers x 1 slot, started over ssh from a launcher node that holds no rank: the
-    same steps as one process with the 12 columns (< 1e-5). (That the wrapper forwards
-    numerics settings to such ranks is checked exactly in test_multinode.py; the ~3e-8
-    they change is below this bound.)"""
+    same steps as one process with the 12 columns (< 1e-5). (A numerics setting made
+    only in the launcher's environment reaches no rank here: every rank takes rank 0's,
+    test_multinode.py; the ~3e-8 it changes is below this bound.)"""
     steps = ["--max-steps", "20", "--train-file", VALID, "--valid-file", heldout,
              "--test-file", heldout, *RECIPE]
     env = {"MXNET_USE_MKLDNN_RNN": "0"}  # another LSTM kernel: numerics differ (~3e-8)

@@ -14,11 +14,12 @@ MPIJob's own launcher command (rendered from k8s/base, as tests/test_mpijob_loca
   node partitioned mid-training (then healed), a remote rank killed with SIGKILL, a
   node whose sshd is down at launch; and a node that is away for a few seconds only,
   which the job rides out.
-- Environment: settings that change numerics reach every rank.
+- Environment: every rank takes rank 0's settings that change numerics.
 
 The tests skip, with one line, only where this machine cannot create network namespaces
-(sim-cluster exits 77). The unit tests of the wrapper's reading at the end need no
-cluster.
+(sim-cluster exits 77). The unit tests of the wrapper's reading of a command line at the
+end need no cluster; its reading of the ranks' records and of the launchers' words is
+tested without one in test_launch_report.py and test_launch_patterns.py.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import pytest
 
 from conftest import BIN, REPO, SIM, TINY, VALID, data_args, max_param_diff, run, sim_cluster
 from dist_lm.training.checkpoint import list_checkpoints, verify
-from dist_lm.runtime.launch import JobReport, forward_numerics, rank_hosts
+from dist_lm.runtime.launch import rank_hosts
 from dist_lm.runtime.procs import kill_session
 
 WORKSTATION = REPO / "launch" / "train-workstation.sh"
@@ -253,18 +254,27 @@ def test_n_nodes_take_the_same_steps_as_one_process(controller, n, cluster, sing
 
 @pytest.mark.dist
 def test_a_partitioned_node_ends_the_mpijob_and_resume_on_the_healed_cluster_is_exact(
-        cluster, uninterrupted, heldout, tmp_path):
+        cluster, heldout, tmp_path):
     """The MPIJob's launcher command, node4 as the launcher pod, workers node1..node3;
-    node3 (rank 2) is cut off mid-training and comes back once the job has ended."""
+    node3 (rank 2) is cut off mid-training and comes back once the job has ended. The
+    resumed run ends where an uninterrupted run of the same command does (its ranks see
+    the ssh sessions' environment, not the workstation runs' rank 0's)."""
     from test_mpijob_local import launcher_argv, local_command, operator_env
 
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("".join(f"node{i} slots=1\n" for i in (1, 2, 3)))
-    run_dir = tmp_path / "run"
-    cmd = local_command(launcher_argv(), run_dir, np=3,
-                        train_args=train_args(heldout, run_dir)[:-2])
     env = operator_env(hostfile, 1)
-    job = Job(cluster, cmd, env, tmp_path, node="node4")
+
+    def mpijob(run_dir, log_dir):
+        cmd = local_command(launcher_argv(), run_dir, np=3,
+                            train_args=train_args(heldout, run_dir)[:-2])
+        log_dir.mkdir(exist_ok=True)
+        return Job(cluster, cmd, env, log_dir, node="node4")
+
+    whole = mpijob(tmp_path / "whole" / "run", tmp_path / "whole")
+    assert whole.wait(300) == 0, whole.text()
+    run_dir = tmp_path / "run"
+    job = mpijob(run_dir, tmp_path)
     job.wait_for_checkpoint(run_dir, 20)
     cluster.ok("partition", "node3")
     cut = time.monotonic()
@@ -276,16 +286,17 @@ def test_a_partitioned_node_ends_the_mpijob_and_resume_on_the_healed_cluster_is_
     gone = wait_until_nothing_runs(cluster, cut + END_BOUND_S) - cut
     assert code != 0
     line = job.summary("node3")
+    # Rank 2 reported its start on node3; ssh to node3 no longer answers.
+    assert re.search(r"node node3 \(rank 2\) stopped answering", line), line
     print(f"\npartition of node3 under the MPIJob command: launcher ended {ended:.1f}s, "
           f"every process on every node {gone:.1f}s after the cut\n{line}")
     newest, step = newest_checkpoint(run_dir)
     assert step >= 20
 
-    (tmp_path / "again").mkdir()
-    again = Job(cluster, cmd, env, tmp_path / "again", node="node4")
+    again = mpijob(run_dir, tmp_path / "again")
     assert again.wait(300) == 0, again.text()
     print(f"resumed from step {step}: max |diff| to the uninterrupted run "
-          f"{assert_same_run(uninterrupted('mpi'), run_dir):.1e}")
+          f"{assert_same_run(tmp_path / 'whole' / 'run', run_dir):.1e}")
 
 
 @pytest.mark.dist
@@ -304,6 +315,8 @@ def test_a_remote_rank_killed_ends_the_gloo_job_and_resume_is_exact(
     gone = wait_until_nothing_runs(cluster, killed + END_BOUND_S) - killed
     assert code != 0
     line = job.summary("rank 2", "node3")
+    # From rank 2's start record (host, pid), its missing exit record, and the probe.
+    assert re.search(r"rank 2 on node3 was killed \(no exit record", line), line
     print(f"\nSIGKILL of rank 2 on node3 under horovodrun --gloo: launcher ended {ended:.1f}s, "
           f"every process {gone:.1f}s after\n{line}")
     _, step = newest_checkpoint(run_dir)
@@ -408,12 +421,17 @@ PRINT_SETTING = ("import os, socket; from dist_lm.runtime.launcher_env import co
                  "'\\n']).encode())")
 
 
-def mpirun_ranks_print(cluster, *launcher, configure: bool, node="node1"):
+def mpirun_ranks_print(cluster, *launcher, configure: bool, node="node1", on_node2=None):
     """What each of 2 ranks sees of a setting made only where mpirun runs (on `node`):
-    rank 0 on node1 (beside mpirun when node is node1), rank 1 on node2."""
+    rank 0 on node1 (beside mpirun when node is node1), rank 1 on node2; on_node2: a
+    value of the setting that node2's own environment holds."""
     code = PRINT_SETTING.format("configure_process();" if configure else "")
+    rank = [BIN / "python", "-c", code]
+    if on_node2 is not None:
+        rank = ["bash", "-c", f'[ "$(hostname)" != node2 ] || '
+                f'export MXNET_USE_MKLDNN_RNN={on_node2}; exec "$@"', "rank", *rank]
     done = run([SIM, "exec", node, *launcher, "--allow-run-as-root", "-np", "2",
-                "-H", "node1:1,node2:1", BIN / "python", "-c", code],
+                "-H", "node1:1,node2:1", *rank],
                env={**cluster.env, "MXNET_USE_MKLDNN_RNN": "0"}, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     return sorted(re.findall(r"rank (\d) (\S+) (\S+)", done.stdout))
@@ -423,134 +441,50 @@ def mpirun_ranks_print(cluster, *launcher, configure: bool, node="node1"):
 def test_ranks_on_other_nodes_take_rank_0s_numerics_settings(cluster):
     """Plain `mpirun -H` (the README's line) forwards only what -x names: the rank on
     node1, beside mpirun, sees a setting that the rank on node2 does not, until
-    configure_process makes every rank's numerics variables rank 0's."""
+    configure_process makes every rank's numerics variables rank 0's; the same under the
+    wrapper, which adds nothing of its own."""
     assert mpirun_ranks_print(cluster, "mpirun", configure=False) == \
         [("0", "node1", "0"), ("1", "node2", "None")]
     assert mpirun_ranks_print(cluster, "mpirun", configure=True) == \
         [("0", "node1", "0"), ("1", "node2", "0")]
-
-
-@pytest.mark.dist
-def test_the_wrapper_forwards_numerics_settings_to_ranks_started_over_ssh(cluster):
-    """No rank beside mpirun (the MPIJob's shape): the wrapper adds -x for them."""
     wrapped = [BIN / "dist-lm", "launch", "mpirun"]
-    assert mpirun_ranks_print(cluster, *wrapped, configure=False, node="node4") == \
+    assert mpirun_ranks_print(cluster, *wrapped, configure=True) == \
         [("0", "node1", "0"), ("1", "node2", "0")]
 
 
-# --- the wrapper's reading of what launchers print (no cluster) --------------------------------
-
-def report_of(kind, hosts, text, probe=None, code=1, signalled=False):
-    report = JobReport(kind, hosts)
-    for line in text.strip("\n").splitlines():
-        report.feed(line)
-    return report.cause(code, signalled, probe=probe)
-
-
-HOSTS3 = ["node1", "node2", "node3"]
-
-
-def test_report_names_a_rank_killed_by_a_signal():
-    text = ("An MPI communication peer process has unexpectedly disconnected.\n"
-            "  Peer host:  node3\n"
-            "mpirun noticed that process rank 2 with PID 7008 on node node3 exited on "
-            "signal 9 (Killed).\n")
-    assert report_of("mpirun", HOSTS3, text) == \
-        ("error", "rank 2 on node3 was killed by signal 9 (Killed)")
+@pytest.mark.dist
+def test_with_no_rank_beside_mpirun_every_rank_still_takes_rank_0s_settings(cluster):
+    """The MPIJob's shape: mpirun under the wrapper on node4, the ranks on node1 and
+    node2, whose environments differ. A setting made only where mpirun runs reaches no
+    rank (`-x NAME=VALUE` would give it to all); whatever each node holds, every rank
+    takes rank 0's, unset included."""
+    wrapped = [BIN / "dist-lm", "launch", "mpirun"]
+    assert mpirun_ranks_print(cluster, *wrapped, configure=False, node="node4",
+                              on_node2="1") == [("0", "node1", "None"), ("1", "node2", "1")]
+    assert mpirun_ranks_print(cluster, *wrapped, configure=True, node="node4",
+                              on_node2="1") == [("0", "node1", "None"), ("1", "node2", "None")]
 
 
-def test_report_names_a_node_ssh_cannot_reach():
-    text = "ssh: connect to host node3 port 22: Connection refused\n" \
-           "ORTE was unable to reliably start one or more daemons.\n"
-    assert report_of("mpirun", HOSTS3, text) == \
-        ("error", "cannot reach node3 (rank 2) over ssh: port 22: Connection refused")
-    text = "ssh not successful for host node3:\n" \
-           "ssh: connect to host node3 port 22: Connection refused\n" \
-           "RuntimeError: could not connect to some hosts via ssh\n"
-    assert report_of("horovodrun", HOSTS3, text)[1] == \
-        "cannot reach node3 (rank 2) over ssh: port 22: Connection refused"
+# --- the wrapper's reading of the ranks' records across nodes ---------------------------------
+
+@pytest.mark.dist
+def test_a_remote_rank_killed_under_mpirun_is_named_from_its_records(cluster):
+    """Rank 1 on node2, started over ssh, reports its start and is killed: its record
+    reaches the wrapper on node1 through mpirun (the wrapper names the request with -x),
+    and the probe over ssh finds its pid gone."""
+    from test_launch_report import KILLED_RANK
+
+    done = run([SIM, "exec", "node1", BIN / "dist-lm", "launch", "mpirun",
+                "--allow-run-as-root", "-np", "2", "-H", "node1:1,node2:1",
+                BIN / "python", "-c", KILLED_RANK], env=cluster.env, timeout=120)
+    assert done.returncode != 0
+    lines = [x for x in done.stderr.splitlines() if x.strip()]
+    assert lines[-1] == "dist-lm: error: job failed: rank 1 on node2 was killed by signal 9 " \
+                        "(Killed; no exit record)", done.stderr
+    assert "dist-lm-record" not in done.stdout + done.stderr
 
 
-def test_report_asks_which_node_stopped_answering_when_the_launcher_does_not_say():
-    text = ("dist-lm: error: [rank 0 on node1] no training progress for 31s "
-            "(--watchdog-s 30): a peer rank may have died or stopped answering; exiting\n"
-            "ORTE was unable to reliably start one or more daemons.\n")
-    probe = (lambda: [("node3", "port 22: No route to host")])
-    assert report_of("mpirun", HOSTS3, text, probe=probe) == \
-        ("error", "lost node3 (rank 2): it does not answer ssh now (port 22: No route to host)")
-    assert report_of("mpirun", HOSTS3, text, probe=lambda: [])[1].startswith(
-        "[rank 0 on node1] no training progress")
-
-
-def test_report_of_horovodrun_failures_and_of_a_stop():
-    text = "Process 2 exit with status code 255.\n" \
-           "Terminating remaining workers after failure of Process 2.\n" \
-           "[0]<stderr>:dist-lm: error: [rank 0 on node1] lost a peer rank: Horovod shut " \
-           "down after a peer rank failed or stopped answering\n"
-    verdict, line = report_of("horovodrun", HOSTS3, text, probe=lambda: [])
-    assert (verdict, line) == ("error", "rank 2 on node3 ended abruptly (killed or crashed: "
-                                        "its ssh session exited 255, and node3 still answers "
-                                        "ssh)")
-    # The rank that lost its peer may be reported first; the lost one is the cause.
-    text = "Process 1 exit with status code 4.\n" + text
-    assert report_of("horovodrun", HOSTS3, text, probe=lambda: [])[1].startswith(
-        "rank 2 on node3 ended abruptly")
-    text = "dist-lm: stopped: [rank 1] stopped by a signal at step 22, checkpoint written\n" \
-           "Primary job  terminated normally, but 1 process returned\n"
-    assert report_of("mpirun", HOSTS3, text, code=143, signalled=True) == \
-        ("stopped", "[rank 1 on node2] stopped by a signal at step 22, checkpoint written")
-    text = "[1]<stderr>:dist-lm: error: [rank 1] --train-file x: no such file\n"
-    assert report_of("horovodrun", HOSTS3, text, code=2) == \
-        ("error", "[rank 1 on node2] --train-file x: no such file")
-
-
-def test_report_of_a_stop_asked_for_is_the_stop_whatever_ssh_said_meanwhile():
-    text = ("dist-lm: stopped: [rank 1] stopped by a signal at step 22, checkpoint written\n"
-            "Connection to node3 closed by remote host.\n"
-            "Process 2 exit with status code 255.\n")
-    assert report_of("horovodrun", HOSTS3, text, signalled=True) == \
-        ("stopped", "[rank 1 on node2] stopped by a signal at step 22, checkpoint written")
-    assert report_of("horovodrun", HOSTS3, text, signalled=False)[0] == "error"
-
-
-def supervised(script: str) -> subprocess.Popen:
-    return subprocess.Popen([BIN / "dist-lm", "launch", "bash", "-c", script],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-
-
-def test_a_launcher_killed_by_a_signal_exits_128_plus_it_with_one_line():
-    proc = supervised("kill -KILL $$")
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 137
-    assert err.splitlines()[-1] == \
-        "dist-lm: error: job failed: the launcher was killed by signal 9 (Killed)", err
-
-
-def test_sighup_to_the_wrapper_stops_the_launcher_as_sigterm_does():
-    """The terminal or ssh session the job was started from goes away: the launcher is
-    asked to stop, and the wrapper stays to say how it ended."""
-    proc = supervised("trap 'echo stopped on TERM; exit 7' TERM; echo ready; "
-                      "while :; do sleep 0.1; done")
-    try:
-        assert proc.stdout.readline() == "ready\n"
-        proc.send_signal(signal.SIGHUP)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        kill_session(proc.pid)
-    assert proc.returncode == 7 and out == "stopped on TERM\n", (out, err)
-    assert err.splitlines()[-1] == "dist-lm: error: job failed: the launcher exited with code 7"
-
-
-def test_report_reads_lines_that_mpirun_spliced_together():
-    text = ("dist-lm: stopped: [rank 1] stopped by a signal at step 12, checkpoint written"
-            "dist-lm: stopped: [rank 2] stopped by a signal at step 12, checkpoint written\n")
-    report = JobReport("mpirun", HOSTS3)
-    report.feed(text)
-    assert [r[1] for r in report.rank_lines] == [1, 2]
-    assert report.cause(143, True) == \
-        ("stopped", "[rank 1 on node2] stopped by a signal at step 12, checkpoint written")
-
+# --- the wrapper's reading of the launcher's command line (no cluster) ---------------------
 
 def test_rank_hosts_follow_the_launchers_placement(tmp_path):
     assert rank_hosts(["mpirun", "-np", "4", "-H", "a:2,b:2", "x"]) == ["a", "a", "b", "b"]
@@ -562,37 +496,6 @@ def test_rank_hosts_follow_the_launchers_placement(tmp_path):
     assert rank_hosts(["horovodrun", "-np", "3", "--hostfile", str(hostfile), "x"]) == \
         ["w-0.svc", "w-0.svc", "w-1.svc"]
     assert rank_hosts(["mpirun", "-np", "8", "-H", "a:2", "x"]) is None
-
-
-def test_the_wrapper_forwards_only_numerics_variables_set_here():
-    env = {"MXNET_USE_MKLDNN_RNN": "0", "OMP_NUM_THREADS": "1", "HOME": "/root",
-           "HOROVOD_FUSION_THRESHOLD": "0", "HOROVOD_RANK": "3"}
-    argv = ["mpirun", "-np", "2", "-x", "OMP_NUM_THREADS", "dist-lm", "train"]
-    assert forward_numerics(argv, env) == \
-        ["mpirun", "-x", "HOROVOD_FUSION_THRESHOLD", "-x", "MXNET_USE_MKLDNN_RNN",
-         "-np", "2", "-x", "OMP_NUM_THREADS", "dist-lm", "train"]
-
-
-def test_horovodruns_own_traceback_shrinks_to_its_last_line():
-    from io import BytesIO
-
-    from dist_lm.runtime.launch import _relay
-
-    text = (b"[0]<stderr>:Traceback (most recent call last):\n"
-            b"[0]<stderr>:  File \"x.py\", line 1\n"
-            b"Process 2 exit with status code 255.\n"
-            b"Traceback (most recent call last):\n"
-            b"  File \"/v/bin/horovodrun\", line 8, in <module>\n"
-            b"    sys.exit(run_commandline())\n"
-            b"RuntimeError: Horovod detected that one or more processes exited\n"
-            b"Process name: 2\n")
-    sink, report = BytesIO(), JobReport("horovodrun", HOSTS3)
-    _relay(BytesIO(text), sink, report, drop_tracebacks=True)
-    assert sink.getvalue().splitlines() == [
-        b"[0]<stderr>:Traceback (most recent call last):", b"[0]<stderr>:  File \"x.py\", line 1",
-        b"Process 2 exit with status code 255.",
-        b"RuntimeError: Horovod detected that one or more processes exited", b"Process name: 2"]
-    assert report.exits == [(2, 255)]
 
 
 def test_a_rank_blocked_in_c_when_a_stop_signal_comes_ends_itself():

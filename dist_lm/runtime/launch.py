@@ -4,22 +4,27 @@ the job ends whole.
 `supervise` runs a launcher the way the project's launch paths do (the MPIJob's
 launcher, launch/train-workstation.sh):
 
-- it passes every line through, and ends with one line that says what ended the job and
-  names the lost rank and node: `dist-lm: error: job failed: rank 2 on node3 was killed
-  by signal 9 (Killed)`; never a launcher's traceback or help text as the last word;
-- once the launcher reports a failure it has `grace_s` seconds to end; mpirun waits for
-  a daemon on a partitioned node for many minutes, so after that its session is killed
-  (every process it started on this node; the ranks elsewhere end when their daemon or
-  ssh session does, or by their own watchdog);
+- it asks the ranks to report themselves (selfreport: a start record with each rank's
+  host and pid, an exit record with its code and reason; under mpirun `-x` passes the
+  request on), passes every other line through, and ends with one line that says what
+  ended the job and names the lost rank and node, decided from those records and a probe
+  of the silent ranks' hosts (jobreport): `dist-lm: error: job failed: rank 2 on node3
+  was killed by signal 9 (Killed; no exit record)`; never a launcher's traceback or help
+  text as the last word;
+- once the job is seen failing (a rank's exit record with an error, or the launcher's
+  words for it) it has `grace_s` seconds to end; mpirun waits for a daemon on a
+  partitioned node for many minutes, so after that its session is killed (every process
+  it started on this node; the ranks elsewhere end when their daemon or ssh session
+  does, or by their own watchdog);
 - a first SIGTERM/SIGINT/SIGHUP asks the ranks to stop with a checkpoint. Under mpirun it
   becomes SIGUSR1, which mpirun forwards to every rank at once (dist-lm treats it as
   SIGTERM), whereas its own SIGTERM handling sends the ranks SIGCONT, waits
   odls_base_sigkill_timeout, and only then SIGTERM; a second signal is mpirun's SIGTERM
   and a third kills its session. horovodrun gets the first as SIGTERM (SIGINT as
-  SIGINT) and gives its workers 5 s before it kills them; a second kills its session;
-- under mpirun it forwards (`-x`) every variable that changes numerics or threading
-  (launcher_env.numerics_env) set here, as horovodrun does with the whole environment:
-  ranks started over ssh see only what `-x` names.
+  SIGINT) and gives its workers 5 s before it kills them; a second kills its session.
+
+What changes numerics is not this module's concern: every rank takes rank 0's values
+itself (launcher_env.adopt_root_numerics), with or without this supervisor.
 """
 
 from __future__ import annotations
@@ -28,14 +33,14 @@ import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from ..errors import RanksOutOfSync
+from . import selfreport
+from .jobreport import JobReport, probe_hosts
 from .procs import kill_session
 
 
@@ -129,234 +134,7 @@ def rank_hosts(argv: Sequence[str]) -> Optional[List[str]]:
     return placed[:np_] if len(placed) >= np_ else None
 
 
-def forward_numerics(argv: List[str], environ=os.environ) -> List[str]:
-    """mpirun's argv with `-x NAME` for every numerics/threading variable set here that
-    it does not forward already (a remote rank sees only what -x names)."""
-    from .launcher_env import numerics_env
-
-    named = {argv[i + 1].split("=", 1)[0] for i, a in enumerate(argv[:-1]) if a == "-x"}
-    extra = []
-    for name in sorted(numerics_env(environ)):
-        if name not in named:
-            extra += ["-x", name]
-    return [argv[0], *extra, *argv[1:]]
-
-
-# --- what the launcher and the ranks said ---------------------------------------------------
-
-SIGNAL_DEATH = re.compile(r"process rank (\d+) with PID \d+ on node (\S+) exited on "
-                          r"signal (\d+)(?: \(([^)]*)\))?")
-MPI_PROCESS = re.compile(r"Process name:\s+\[\[\d+,\d+\],(\d+)\]")
-MPI_EXIT = re.compile(r"Exit code:\s+(-?\d+)")
-HVD_EXIT = re.compile(r"Process (\d+) exit with status code (-?\d+)")
-# ssh's and horovodrun's words for a node it cannot reach: (pattern, reason or None for
-# the pattern's second group).
-SSH_FAILURES = [
-    (re.compile(r"ssh: connect to host (\S+) (port \d+: [^\[]+)"), None),
-    (re.compile(r"ssh: Could not resolve hostname (\S+?): (.+)"), None),
-    (re.compile(r"Timeout, server (\S+) not responding"),
-     "it stopped answering (ssh keepalive timeout)"),
-    (re.compile(r"Connection to (\S+) closed by remote host"), "connection closed"),
-    (re.compile(r"ssh not successful for host (\S+?):?$"), ""),
-]
-LOST_DAEMON = re.compile(r"Remote daemon:\s+\S+ on node (\S+)")
-PEER_HOST = re.compile(r"^\s*Peer host:\s+(\S+)")
-GLOO_PEER = re.compile(r"background loop uncaught exception: .*?\] (.*?\[(\d+\.\d+\.\d+\.\d+)\]"
-                       r":\d+.*)")
-# (A line's text ends where another rank's line begins: mpirun can splice two into one.)
-RANK_LINE = re.compile(r"dist-lm: (error|stopped): \[rank (\d+)(?: on ([^\]]+))?\] "
-                       r"(.*?)(?=dist-lm: |$)")
-# mpirun's and horovodrun's words for "the job is failing".
-FAILING = re.compile(r"Primary job\s+terminated normally, but \d+ process returned|"
-                     r"mpirun noticed that process|ORTE was unable to reliably start|"
-                     r"ORTE has lost communication|An MPI communication peer process has|"
-                     r"Terminating remaining workers after failure|"
-                     r"could not connect to some hosts via ssh|"
-                     r"ORTE does not know how to route")
-# dist-lm lines that are the symptom of a lost peer rather than the cause of a failure.
-SYMPTOM = ("peer rank",)
-
-
-class JobReport:
-    """Reads the launcher's and the ranks' lines; says what ended the job, in one line."""
-
-    def __init__(self, kind: str, hosts: Optional[List[str]]):
-        self.kind, self.hosts = kind, hosts
-        self.lock = threading.Lock()
-        self.failing_since: Optional[float] = None
-        self.signal_deaths: List[Tuple[int, str, str]] = []    # (rank, node, signal)
-        self.ssh_failures: List[Tuple[str, str]] = []           # (node, reason)
-        self.lost_nodes: List[str] = []
-        self.peer_hosts: List[str] = []
-        self.exits: List[Tuple[int, int]] = []                  # (rank, code)
-        self.rank_lines: List[Tuple[str, int, str, str]] = []   # (kind, rank, host, text)
-        self.gloo_peers: List[Tuple[str, str]] = []             # (address, what)
-        self.daemon_failed = False
-        self._mpi_process: Optional[int] = None
-
-    def feed(self, line: str) -> None:
-        with self.lock:
-            self._feed(line.rstrip("\n"))
-
-    def _feed(self, line: str) -> None:
-        if FAILING.search(line) and self.failing_since is None:
-            self.failing_since = time.monotonic()
-        if "ORTE was unable to reliably start" in line or "ORTE has lost communication" in line:
-            self.daemon_failed = True
-        m = SIGNAL_DEATH.search(line)
-        if m:
-            name = m.group(4) or signal_name(int(m.group(3)))
-            self.signal_deaths.append((int(m.group(1)), m.group(2), f"{m.group(3)} ({name})"))
-        for pattern, reason in SSH_FAILURES:
-            m = pattern.search(line)
-            if m:
-                node = m.group(1).strip("'\"")
-                self.ssh_failures.append((node, m.group(2) if reason is None else reason))
-        m = LOST_DAEMON.search(line)
-        if m:
-            self.lost_nodes.append(m.group(1))
-        m = PEER_HOST.search(line)
-        if m:
-            self.peer_hosts.append(m.group(1))
-        m = MPI_PROCESS.search(line)
-        if m:
-            self._mpi_process = int(m.group(1))
-        m = MPI_EXIT.search(line)
-        if m and self._mpi_process is not None:
-            self.exits.append((self._mpi_process, int(m.group(1))))
-            self._mpi_process = None
-        m = HVD_EXIT.search(line)
-        if m:
-            self.exits.append((int(m.group(1)), int(m.group(2))))
-            if self.failing_since is None and int(m.group(2)) != 0:
-                self.failing_since = time.monotonic()
-        m = GLOO_PEER.search(line)
-        if m:
-            self.gloo_peers.append((m.group(2), m.group(1)))
-        for m in RANK_LINE.finditer(line):
-            self.rank_lines.append((m.group(1), int(m.group(2)), m.group(3) or "",
-                                    m.group(4)))
-
-    def failed_exits(self) -> List[Tuple[int, int]]:
-        with self.lock:
-            return self._failed_exits()
-
-    def _failed_exits(self) -> List[Tuple[int, int]]:
-        """(rank, code) of the ranks that failed, causes first: a rank that lost its peer
-        (exit code 4) is the symptom of another's end."""
-        return sorted(((r, c) for r, c in self.exits if c != 0),
-                      key=lambda e: e[1] == RanksOutOfSync.exit_code)
-
-    def host_of(self, rank: int) -> Optional[str]:
-        if self.hosts and 0 <= rank < len(self.hosts):
-            return self.hosts[rank]
-        return None
-
-    def ranks_on(self, node: str) -> str:
-        ranks = [str(r) for r, h in enumerate(self.hosts or []) if same_host(h, node)]
-        if not ranks:
-            return ""
-        return f" (rank{'s' if len(ranks) > 1 else ''} {', '.join(ranks)})"
-
-    def where(self, rank: int, host: str = "") -> str:
-        host = host or self.host_of(rank) or ""
-        return f"rank {rank} on {host}" if host else f"rank {rank}"
-
-    def cause(self, code: int, stopped_by_signal: bool,
-              probe=None) -> Tuple[str, str]:
-        """('error' or 'stopped', the sentence) for a launcher that exited with `code`."""
-        with self.lock:
-            stops = [r for r in self.rank_lines if r[0] == "stopped"]
-            errors = [r for r in self.rank_lines if r[0] == "error"]
-            causes = [r for r in errors if not any(s in r[3] for s in SYMPTOM)]
-            if stopped_by_signal and stops and not causes:
-                # Asked to stop, and ranks did so with a checkpoint: what the launcher's
-                # ssh sessions said while the job came down is not the story.
-                _, rank, host, text = stops[0]
-                return "stopped", f"[{self.where(rank, host)}] {text}"
-            if self.signal_deaths:
-                rank, node, sig = self.signal_deaths[0]
-                if not (stopped_by_signal and sig.startswith(("15 ", "10 "))):
-                    return "error", f"rank {rank} on {node} was killed by signal {sig}"
-            if self.ssh_failures:
-                node = self.ssh_failures[0][0]
-                reason = next((r for n, r in self.ssh_failures if n == node and r), "")
-                if "keepalive" in reason:
-                    return "error", f"lost {node}{self.ranks_on(node)}: {reason}"
-                return "error", f"cannot reach {node}{self.ranks_on(node)} over ssh" + \
-                    (f": {reason}" if reason else "")
-            if self.lost_nodes:
-                node = self.lost_nodes[0]
-                return "error", f"lost contact with {node}{self.ranks_on(node)}"
-            if causes:
-                _, rank, host, text = causes[0]
-                return "error", f"[{self.where(rank, host)}] {text}"
-            if stops and not errors and not self.daemon_failed:
-                _, rank, host, text = stops[0]
-                return "stopped", f"[{self.where(rank, host)}] {text}"
-            gloo_peers = list(self.gloo_peers)
-            exits = self._failed_exits()
-            peer_hosts = list(self.peer_hosts)
-            symptom = errors[0] if errors else None
-        # Something stopped answering: find which node does not answer ssh now.
-        unreachable = probe() if probe is not None else []
-        if unreachable:
-            node, reason = unreachable[0]
-            return "error", f"lost {node}{self.ranks_on(node)}: it does not answer ssh " \
-                            f"now ({reason})"
-        if peer_hosts:
-            node = peer_hosts[0]
-            return "error", f"a rank on {node}{self.ranks_on(node)} disconnected " \
-                            f"unexpectedly"
-        if exits:
-            rank, rc = exits[0]
-            host = self.host_of(rank)
-            if rc == 255 and self.kind == "horovodrun" and probe is not None and \
-                    host not in (None, "localhost", "127.0.0.1"):
-                return "error", f"{self.where(rank)} ended abruptly (killed or crashed: its " \
-                                f"ssh session exited 255, and {host} still answers ssh)"
-            return "error", f"{self.where(rank)} exited with code {rc}{exit_meaning(rc)}"
-        if gloo_peers:
-            address, what = gloo_peers[0]
-            return "error", f"a rank lost its connection to {host_name(address)}: {what}"
-        if symptom is not None:
-            _, rank, host, text = symptom
-            return "error", f"[{self.where(rank, host)}] {text}"
-        if self.daemon_failed:
-            return "error", "mpirun could not start or lost one of its daemons on the " \
-                            "other nodes"
-        if code < 0:
-            return "error", f"the launcher was killed by signal {-code} ({signal_name(-code)})"
-        return "error", f"the launcher exited with code {code}"
-
-
-def exit_meaning(code: int) -> str:
-    if code > 128 and code - 128 < 65:
-        return f" (killed by signal {code - 128} ({signal_name(code - 128)}))"
-    return {2: " (bad input)", 3: " (non-finite values)",
-            4: " (a peer rank was lost or ranks went out of step)"}.get(code, "")
-
-
-def signal_name(number: int) -> str:
-    """As the C library says it: 9 -> 'Killed', 15 -> 'Terminated'."""
-    try:
-        return signal.strsignal(number) or "unknown"
-    except ValueError:
-        return "unknown"
-
-
-def host_name(address: str) -> str:
-    try:
-        return socket.gethostbyaddr(address)[0]
-    except OSError:
-        return address
-
-
-def same_host(a: str, b: str) -> bool:
-    return a == b or a.split(".", 1)[0] == b.split(".", 1)[0]
-
-
-# --- which node does not answer ------------------------------------------------------------
+# --- how the launcher reaches the other nodes ----------------------------------------------
 
 def ssh_command(argv: Sequence[str], kind: str) -> List[str]:
     """The ssh the launcher uses to reach the other nodes."""
@@ -375,41 +153,23 @@ def ssh_command(argv: Sequence[str], kind: str) -> List[str]:
     return ssh
 
 
-def probe_hosts(hosts: Sequence[str], ssh: Sequence[str],
-                timeout_s: float = 5.0) -> List[Tuple[str, str]]:
-    """The hosts (other than this one) that do not answer `ssh HOST true` within
-    timeout_s, each with ssh's last line; all probed at once."""
-    here = {socket.gethostname(), "localhost", "127.0.0.1"}
-    others = [h for h in dict.fromkeys(hosts) if h not in here]
-    connect = max(1, int(timeout_s) - 2)
-    procs = {h: subprocess.Popen([*ssh, "-o", "BatchMode=yes", "-o", f"ConnectTimeout={connect}",
-                                  "-o", "ConnectionAttempts=1", h, "true"],
-                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.PIPE, text=True, start_new_session=True)
-             for h in others}
-    failed = []
-    deadline = time.monotonic() + timeout_s
-    for host, proc in procs.items():
-        try:
-            _, err = proc.communicate(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            kill_session(proc.pid)
-            proc.communicate()
-            failed.append((host, f"no answer within {timeout_s:g}s"))
-            continue
-        if proc.returncode != 0:
-            lines = [x for x in err.strip().splitlines() if x.strip()]
-            reason = lines[-1] if lines else f"ssh exited {proc.returncode}"
-            failed.append((host, reason.replace(f"ssh: connect to host {host} port ", "port ")))
-    return failed
-
-
 # --- the supervisor -------------------------------------------------------------------------
 
+def ask_for_records(argv: List[str], kind: str) -> Tuple[List[str], Dict[str, str]]:
+    """The launcher's argv and environment that make the ranks report themselves: the
+    request in the environment (horovodrun passes all of it on), and under mpirun `-x`
+    for it (a rank started over ssh sees only what -x names)."""
+    env = dict(os.environ, **{selfreport.REQUEST: "1"})
+    if kind == "mpirun":
+        argv = [argv[0], "-x", selfreport.REQUEST, *argv[1:]]
+    return argv, env
+
+
 def _relay(stream, sink, report: JobReport, drop_tracebacks: bool = False) -> None:
-    """Copies stream to sink line by line, feeding the report. drop_tracebacks: the
-    launcher's own Python tracebacks (horovodrun's, which say nothing its last line and
-    the ranks' lines do not) shrink to that last line; the ranks' lines carry a prefix."""
+    """Copies stream to sink line by line, feeding the report, which keeps the ranks'
+    records for itself. drop_tracebacks: the launcher's own Python tracebacks
+    (horovodrun's, which say nothing its last line and the ranks' lines do not) shrink
+    to that last line; the ranks' lines carry a prefix."""
     held: List[bytes] = []
 
     def write(line: bytes) -> None:
@@ -420,7 +180,12 @@ def _relay(stream, sink, report: JobReport, drop_tracebacks: bool = False) -> No
             pass
 
     for raw in iter(stream.readline, b""):
-        report.feed(raw.decode("utf-8", "replace"))
+        line = raw.decode("utf-8", "replace")
+        kept = report.feed(line)
+        if kept is None:
+            continue
+        if kept != line:
+            raw = kept.encode("utf-8")
         if drop_tracebacks and (held or raw.startswith(b"Traceback (most recent call last)")):
             held.append(raw)
             if raw[:1].isspace() or len(held) == 1:
@@ -457,9 +222,9 @@ def supervise(argv: List[str], grace_s: float = 20.0, probe_timeout_s: float = 5
     code (128 + N when signal N ended it; when it had to be killed, the failed rank's,
     else 1)."""
     kind = launcher_kind(argv)
-    if kind == "mpirun":
-        argv = forward_numerics(argv)
-    report = JobReport(kind, rank_hosts(argv))
+    report = JobReport(rank_hosts(argv))
+    ssh = ssh_command(argv, kind)
+    argv, env = ask_for_records(argv, kind)
     signals: List[int] = []
     passed: List[int] = []                      # of signals, those passed on
     started: List[subprocess.Popen] = []
@@ -480,31 +245,38 @@ def supervise(argv: List[str], grace_s: float = 20.0, probe_timeout_s: float = 5
     try:
         try:
             proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
+                                    stdin=subprocess.DEVNULL, start_new_session=True,
+                                    env=env)
         except OSError as err:
             print(f"dist-lm: error: cannot start {argv[0]}: {err.strerror}",
                   file=sys.stderr)
             return 127
         started.append(proc)
         pass_signals()  # those that came while it started
-        return _watch(proc, argv, kind, report, signals, grace_s, probe_timeout_s)
+        probe = (lambda targets: probe_hosts(targets, ssh, probe_timeout_s))
+        return _watch(proc, argv, kind, report, signals, grace_s, probe)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
 
 
 def _watch(proc: subprocess.Popen, argv: List[str], kind: str, report: JobReport,
-           signals: List[int], grace_s: float, probe_timeout_s: float) -> int:
+           signals: List[int], grace_s: float, probe) -> int:
     relays = [threading.Thread(target=_relay, daemon=True,
                                args=(stream, sink, report, kind == "horovodrun"))
               for stream, sink in ((proc.stdout, sys.stdout.buffer),
                                    (proc.stderr, sys.stderr.buffer))]
     for t in relays:
         t.start()
+    # The silent ranks' hosts are probed as soon as the job is seen failing, while the
+    # launcher still ends the other ranks (not when a stop was asked for).
+    prober = threading.Thread(target=report.probe, args=(probe,), daemon=True)
     killed = False
     try:
         while proc.poll() is None:
             since = report.failing_since
+            if since is not None and not signals and prober.ident is None:
+                prober.start()
             if since is not None and time.monotonic() - since > grace_s:
                 print(f"dist-lm: {os.path.basename(argv[0])} did not end within "
                       f"{grace_s:g}s of the failure; ending it", file=sys.stderr, flush=True)
@@ -518,19 +290,16 @@ def _watch(proc: subprocess.Popen, argv: List[str], kind: str, report: JobReport
         kill_session(proc.pid)
         for t in relays:
             t.join(timeout=10)
+        if prober.ident is not None:
+            prober.join()
     except BaseException:
         kill_session(proc.pid)
         raise
     if killed:
-        failed = report.failed_exits()
-        code = failed[0][1] if failed else 1
+        code = report.failed_code()
     if code == 0 and not killed:
         return 0
-    hosts = report.hosts or []
-    ssh = ssh_command(argv, kind)
-    verdict, sentence = report.cause(
-        code, bool(signals),
-        probe=(lambda: probe_hosts(hosts, ssh, probe_timeout_s)) if hosts else None)
+    verdict, sentence = report.cause(code, bool(signals), probe)
     print(f"dist-lm: {verdict}: job {'stopped' if verdict == 'stopped' else 'failed'}: "
           f"{sentence}", file=sys.stderr, flush=True)
     if verdict == "stopped":

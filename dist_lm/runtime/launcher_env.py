@@ -18,8 +18,9 @@ LAUNCHER_VARS = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"
 # of a job must see the same values: `mpirun` passes a rank started over ssh only what
 # `-x` names, so a value set on the launcher's node would reach that node's ranks alone
 # (horovodrun forwards the whole environment). `configure_process` therefore makes every
-# rank's values rank 0's under mpirun, and the launcher wrapper (dist_lm/runtime/launch.py) adds
-# `-x` for each one set where mpirun runs.
+# rank's values rank 0's under mpirun: the one mechanism, which works whoever started
+# mpirun (`dist-lm launch` or a user by hand). Where no rank runs beside mpirun (the
+# MPIJob's launcher pod), a value meant for every rank is given as `-x NAME=VALUE`.
 NUMERICS_PREFIXES = ("OMP_", "KMP_", "GOMP_", "MKL_", "OPENBLAS_", "GOTO_", "BLIS_",
                      "DNNL_", "ONEDNN_", "MKLDNN_", "MXNET_")
 NUMERICS_NAMES = ("HOROVOD_FUSION_THRESHOLD", "HOROVOD_CYCLE_TIME", "HOROVOD_CPU_OPERATIONS",

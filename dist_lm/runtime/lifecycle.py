@@ -32,6 +32,8 @@ import sys
 import threading
 import time
 
+from . import selfreport
+
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
@@ -175,9 +177,11 @@ def say(line: str) -> None:
 
 
 def exit_now(message: str, code: int = 4) -> None:
-    """One line on stderr and the process ends at once (from any thread, whatever the
-    main thread is blocked in; no atexit handlers, which would block or raise too)."""
+    """One line on stderr (and the exit record, selfreport) and the process ends at once
+    (from any thread, whatever the main thread is blocked in; no atexit handlers, which
+    would block or raise too)."""
     say(f"dist-lm: error: {rank_and_host()}{message}")
+    selfreport.ended(code, message)
     try:
         sys.stdout.flush()
     except (OSError, ValueError):

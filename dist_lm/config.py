@@ -115,7 +115,8 @@ class RunConfig:
     batch_size: int = opt(20, "BPTT columns per process (per rank under Horovod); the "
                               "global batch is ranks x this")
     global_batch_size: Optional[int] = opt(
-        None, "BPTT columns over all ranks, split evenly (overrides --batch-size)",
+        None, "BPTT columns over all ranks, split over any number of ranks up to it as "
+        "evenly as possible, in contiguous blocks (overrides --batch-size)",
         shown="ranks x --batch-size")
     eval_batch_size: int = opt(
         20, "validation columns over all ranks, whatever their number (the reference "
@@ -300,13 +301,22 @@ class Config:
 
     def for_world(self, ranks: int) -> "Config":
         """Resolves the options that depend on the number of ranks: a --global-batch-size
-        is split over the ranks, and the same global evaluation layout is kept."""
-        if self.run.global_batch_size is not None:
-            if self.run.global_batch_size % ranks:
-                raise UsageError(f"--global-batch-size {self.run.global_batch_size} does not "
-                                 f"split evenly over {ranks} ranks")
-            self.run.batch_size = self.run.global_batch_size // ranks
+        G is split over any N <= G ranks (`data.text.column_range`: contiguous blocks of
+        G // N or G // N + 1 columns; `batch_size` becomes the smaller, G // N), and the
+        same global evaluation layout is kept."""
+        g = self.run.global_batch_size
+        if g is not None:
+            if ranks > g:
+                raise UsageError(f"--global-batch-size {g} is smaller than the {ranks} ranks: "
+                                 f"every rank trains on at least one column; use at most {g} "
+                                 f"ranks or a --global-batch-size of at least {ranks}")
+            self.run.batch_size = g // ranks
         return self
+
+    def global_columns(self, ranks: int) -> int:
+        """G, the training columns over all ranks: --global-batch-size, else ranks x
+        --batch-size."""
+        return self.run.global_batch_size or ranks * self.run.batch_size
 
     def scaled_lr(self, ranks: int) -> float:
         """--lr after --lr-scaling. 'linear' keeps the per-sample step size of a run whose

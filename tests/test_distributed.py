@@ -109,14 +109,6 @@ def test_a_rank_failing_at_start_up_stops_the_job_with_its_message(controller, h
     assert any(e.startswith("[rank 0] rank 1:") for e in errors)
 
 
-def test_rank_count_that_does_not_divide_the_global_batch(heldout, tmp_path):
-    proc = run(launcher("gloo", 2, *train_cmd(heldout, "--global-batch-size", "21",
-                                              "--run-dir", tmp_path)), timeout=120)
-    assert proc.returncode != 0
-    assert proc.stderr.count("dist-lm: error:") == 2, proc.stderr
-    assert proc.stderr.count("does not split evenly over 2 ranks") == 2, proc.stderr
-
-
 def test_local_clipping_is_the_reference_behaviour_and_differs(one_process, heldout,
                                                                tmp_path):
     proc = run(launcher("gloo", 2, *train_cmd(heldout, "--batch-size", "10", "--clip-mode",

@@ -1,10 +1,13 @@
 """The run's corpus on this rank: the vocabulary and this rank's columns of each split's
 layout, mapped from the corpus cache (`cache.py`): no rank holds the text.
 
-Training uses `--batch-size` columns per rank (ranks x b global). Validation and test each
-use one global layout, `--eval-batch-size` and `--test-batch-size` columns whatever the
-number of ranks, split over the ranks as evenly as possible (see `data.column_range`), so
-every rank count evaluates exactly the same batches and reports the same perplexity.
+Every split has one global layout, split over the ranks as evenly as possible in
+contiguous blocks in rank order (`text.column_range`): training G columns
+(`--global-batch-size`, else ranks x `--batch-size`; 20 over 3 ranks is 6/7/7), so N
+ranks together hold exactly the columns one process with G columns trains on; validation
+and test `--eval-batch-size` and `--test-batch-size` columns whatever the number of
+ranks, so every rank count evaluates exactly the same batches and reports the same
+perplexity.
 
 Every rank reads its own copy of the data and its own corpus cache, so the ranks first
 agree that they read the same: one allgather of (host, vocabulary digest, vocabulary
@@ -74,13 +77,12 @@ def load_corpus(cfg: Config, world: World, need=("train", "valid", "test"),
     problem = data_mismatch(seen, flags)
     if problem:
         raise UsageError(problem)
-    b, bptt = cfg.run.batch_size, cfg.run.bptt
-    total = dict(eval_columns(cfg), train=b * world.size)
+    total = dict(eval_columns(cfg), train=cfg.global_columns(world.size))
 
     def shard(name: str) -> D.ColumnShard:
-        columns = (range(world.rank * b, (world.rank + 1) * b) if name == "train" else
-                   D.column_range(total[name], world.rank, world.size))
-        return D.layout_columns(ids[name], total[name], columns, bptt, what=f"{name} split")
+        columns = D.column_range(total[name], world.rank, world.size)
+        return D.layout_columns(ids[name], total[name], columns, cfg.run.bptt,
+                                what=f"{name} split")
 
     shards = run_everywhere(world, lambda: {n: shard(n) for n in need}, "shard")
     return Corpus(vocab, vocab_json, shards.get("train"), shards.get("valid"),

@@ -98,9 +98,11 @@ def encode(tokens: List[str], vocab) -> np.ndarray:
 #
 # Batch i is rows [i*bptt, (i+1)*bptt) as inputs and the same rows shifted by one as
 # targets; there are (L - 1) // bptt batches, the same number on every rank because L
-# depends only on N and B. Rank r's columns are the contiguous range
-# corpus[r*b*L : (r+1)*b*L], so a rank keeps only its own slice of the ids, and N ranks
-# with b columns each see exactly the batches one process with N*b columns sees.
+# depends only on N and B. Rank r's columns are the contiguous block `column_range(B, r,
+# ranks)` = [c0, c1), B // ranks or B // ranks + 1 of them when ranks does not divide B
+# (20 over 3 ranks: 6/7/7), i.e. corpus[c0*L : c1*L], so a rank keeps only its own slice
+# of the ids, and the ranks together see exactly the batches one process with B columns
+# sees.
 
 
 @dataclass
@@ -154,9 +156,10 @@ def shard_columns(ids: np.ndarray, columns: int, rank: int, ranks: int, bptt: in
 
 
 def column_range(total: int, rank: int, ranks: int) -> range:
-    """The contiguous columns rank `rank` evaluates when `total` global columns are split
-    over `ranks` ranks as evenly as possible; empty when there are fewer columns than
-    ranks (such a rank still takes part in every collective)."""
+    """The contiguous columns rank `rank` holds when `total` global columns are split
+    over `ranks` ranks as evenly as possible (training and evaluation alike); empty when
+    there are fewer columns than ranks (evaluation only: such a rank still takes part in
+    every collective; training refuses it, `Config.for_world`)."""
     return range(rank * total // ranks, (rank + 1) * total // ranks)
 
 

@@ -5,17 +5,20 @@ and no Horovod; `HorovodWorld` is one rank of a job started by `horovodrun` (Glo
 or `mpirun`. The training code calls the same methods on either and never asks which.
 
 The gradient step, the part whose semantics the project owns:
-    1. every rank computes the gradient g_r of its *mean* token loss over its b columns;
-    2. `allreduce_grads()` leaves S * sum_r g_r on every rank, where S is 1 when the
+    1. every rank r holds b_r of the G global columns (`data.text.column_range`: G // N
+       or G // N + 1, contiguous, in rank order) and computes the gradient of its *mean*
+       token loss over them, g_r, scaled by its weight w_r = b_r N / G (the stepper
+       scales the objective before backward; w_r = 1 when N divides G);
+    2. `allreduce_grads()` leaves S * sum_r w_r g_r on every rank, where S is 1 when the
        Horovod build sums (Gloo, MPI, NCCL < 2.10: DistributedTrainer then divides by N in
        `update()` through `rescale_grad`) and 1/N when it averages in the allreduce (NCCL
        >= 2.10). `_average_factor` turns either into the mean gradient
-       g = (1/N) sum_r g_r, which is exactly the gradient of the mean loss over all N*b
-       columns, i.e. what one process with N*b columns computes;
+       g = (1/N) sum_r w_r g_r = sum_r (b_r / G) g_r, which is exactly the gradient of the
+       mean loss over all G columns, i.e. what one process with G columns computes;
     3. the global norm ||g|| is computed on the device and the gradients are scaled by
        min(1, clip / ||g||) on the device (no host sync);
     4. `update(1)` applies the optimizer with DistributedTrainer's own rescaling.
-So N ranks with b columns take the same step as one process with N*b columns.
+So N ranks take the same step as one process with G columns, for any N <= G.
 
 With a sampled softmax a step's gradient of the (V, E) embedding/decoder matrices is zero
 outside the rows the step touched (its input words, its targets, the shared candidates).
@@ -23,8 +26,10 @@ outside the rows the step touched (its input words, its targets, the shared cand
 row ids, and allreduce the rows of the union, then write them back in place. Rows outside
 the union are zero on every rank, so the result is the dense allreduce's, for about
 |union| x E instead of V x E floats (docs/performance.md).
-`clip_mode='local'` instead clips each rank's own gradient before the allreduce, as the
-reference notebook does on one GPU.
+Each rank's rows are weighted by its w_r like the rest of its gradient.
+`clip_mode='local'` instead clips each rank's own gradient g_r before the allreduce, as
+the reference notebook does on one GPU: its norm is ||w_r g_r|| / w_r, so the clip scales
+w_r g_r to w_r clip(g_r) and the update is sum_r (b_r / G) clip(g_r).
 """
 
 from __future__ import annotations
@@ -180,7 +185,7 @@ class World:
 
     def gradient_step(self, trainer: gluon.Trainer, grads: List[mx.nd.NDArray],
                       clip: float, clip_mode: str, skip_nonfinite: bool = False,
-                      rows: Optional[np.ndarray] = None):
+                      rows: Optional[np.ndarray] = None, weight: float = 1.0):
         """Allreduce -> clip the mean gradient -> update (see the module docstring).
 
         Returns the global norm of the mean gradient before clipping (for
@@ -189,11 +194,13 @@ class World:
         applied at all (parameters, optimizer state and counters stay as they were) on
         any rank; deciding that reads one value on the host, so it costs a device sync
         per step. rows: the row ids (n,) this rank's step touched, for a trainer made
-        with row_params.
+        with row_params. weight: the w_r the gradients already carry (module docstring).
         """
         trainer.touched_rows = rows
         if clip_mode == "local":
             norm = global_norm(grads)
+            if weight != 1.0:
+                norm = norm / weight  # of g_r, not of w_r g_r
             finite = mx.nd.contrib.isfinite(norm)
             if skip_nonfinite:  # the ranks' norms differ: skip only if all skip
                 bad = self.allreduce_sum(1 - finite, name="nonfinite.local")

@@ -61,6 +61,7 @@ from typing import Dict, List, Optional
 import mxnet as mx
 import numpy as np
 
+from ..data.text import column_range
 from ..errors import UsageError
 from ..hashing import hash_file, text_digest
 from ..runtime.lifecycle import say
@@ -127,21 +128,22 @@ class Checkpointer:
         progress.batch == batches_per_epoch)."""
         self.parts, self.world, self.run_dir, self.cfg = parts, world, run_dir, cfg
         self.vocab_digest = text_digest(vocab_json)
-        self.layout = {"global_columns": world.size * cfg.run.batch_size,
+        self.layout = {"global_columns": cfg.global_columns(world.size),
                        "bptt": cfg.run.bptt, "ranks": world.size,
                        "batches_per_epoch": batches_per_epoch}
         self.epoch_done = epoch_done or (lambda p: p.batch >= batches_per_epoch)
 
     def save(self, hidden: List[mx.nd.NDArray]) -> None:
         """Checkpoints the parts as they are now; `hidden` is this rank's recurrent state,
-        each (L, b, H). Raises on every rank if rank 0 cannot write."""
+        each (L, b_r, H). Raises on every rank if rank 0 cannot write."""
         from ..runtime.dist import run_everywhere
 
         p = self.parts
         meter_state = p.meter.state_dict()  # reduced over ranks: every rank takes part
         gathered = self.world.allgather_object([h.asnumpy() for h in hidden],
                                                name="ckpt.hidden")
-        # Columns of the global batch in rank order: (L, N*b, H) per state array.
+        # Columns of the global batch in rank order (each rank's block of b_r columns,
+        # `column_range`): (L, G, H) per state array.
         full = [np.concatenate([g[i] for g in gathered], axis=1) for i in range(len(hidden))]
         arrays, counters = optimizer_arrays(p.trainer)
         meta = {"progress": p.progress.state_dict(), "schedule": p.schedule.state_dict(),
@@ -190,9 +192,11 @@ class Checkpointer:
                           meta["optimizer_counters"], ctx)
         p.schedule.load_state_dict(meta["schedule"])
         vars(p.progress).update(meta["progress"])
-        p.meter.load_state_dict(meta["meter"])
+        # The log's sums are N x the global values at the rank count that saved them.
+        saved_ranks = meta["layout"]["ranks"]
+        p.meter.load_state_dict(meta["meter"], saved_ranks)
         if p.terms is not None and "terms" in meta:
-            p.terms.load_state_dict(meta["terms"])
+            p.terms.load_state_dict(meta["terms"], saved_ranks)
         inside_epoch = 0 < p.progress.batch and not self.epoch_done(p.progress)
         return hidden if inside_epoch else None
 
@@ -233,9 +237,10 @@ def format_of(meta: dict) -> int:
 
 
 def hidden_for_rank(full: List[np.ndarray], world, ctx: mx.Context) -> List[mx.nd.NDArray]:
-    """This rank's columns of a saved global hidden state, each (L, b, H)."""
-    b = full[0].shape[1] // world.size
-    return [mx.nd.array(h[:, world.rank * b:(world.rank + 1) * b], ctx=ctx) for h in full]
+    """This rank's columns of a saved global hidden state (L, G, H), each (L, b_r, H): the
+    block `column_range` gives it, whatever the rank count that wrote the state."""
+    mine = column_range(full[0].shape[1], world.rank, world.size)
+    return [mx.nd.array(h[:, mine.start:mine.stop], ctx=ctx) for h in full]
 
 
 def load_params(model, params_file: str, ctx: mx.Context) -> None:

@@ -5,11 +5,18 @@ non-finite to four sums on the device (no host read). They are reduced over the 
 and read only when something needs them: a log line, the end of an epoch, a checkpoint.
 Each read also applies the non-finite policy, so no step reaches a checkpoint, a
 validation or the end of the run unchecked.
+
+Each rank's loss is the mean over its own b_r of the G global columns, and the ranks may
+hold different numbers of them (`data.text.column_range`), so a rank adds its values
+times its weight w_r = b_r N / G (1 with equal shards, the weight its gradient gets,
+dist.py): the sums over the N ranks are N x the global batch's values (its mean token
+loss), whatever the split.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import List, Optional
 
 import time
 
@@ -36,8 +43,11 @@ class Interval:
 
 
 class IntervalMeter:
-    def __init__(self, world, ctx: mx.Context, clip: float, nonfinite: str):
+    def __init__(self, world, ctx: mx.Context, clip: float, nonfinite: str,
+                 weight: float = 1.0):
+        """weight: this rank's w_r = b_r N / G (module docstring)."""
         self.world, self.ctx, self.clip, self.policy = world, ctx, clip, nonfinite
+        self.weight = weight
         self.sums = mx.nd.zeros((len(SUMS),), ctx=ctx)  # this rank's share, (4,)
         self.steps = 0               # steps in the interval so far
         self.first_step = 1          # the global step the interval began with
@@ -48,7 +58,8 @@ class IntervalMeter:
         """loss, norm, finite: (1,) on the device; a non-finite step adds only its count."""
         loss, norm = [mx.nd.where(finite, x, mx.nd.zeros_like(x)) for x in (loss, norm)]
         clipped = norm > self.clip if self.clip else norm * 0
-        self.sums += mx.nd.concat(loss, norm, clipped, 1 - finite, dim=0)
+        values = mx.nd.concat(loss, norm, clipped, 1 - finite, dim=0)  # (4,)
+        self.sums += values * self.weight if self.weight != 1.0 else values
         self.steps += 1
         self.timed_steps += 1
 
@@ -84,15 +95,26 @@ class IntervalMeter:
 
     # --- checkpoint part ---------------------------------------------------------------
     def state_dict(self) -> dict:
-        """The interval so far, reduced over ranks (every rank must call this)."""
+        """The interval so far, reduced over ranks (every rank must call this): N x the
+        global values, N the rank count of the layout the checkpoint records."""
         return {"steps": self.steps, "first_step": self.first_step,
                 "sums": [float(x) for x in self._totals()],
                 "nonfinite_steps": self.nonfinite_steps}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, ranks: Optional[int] = None) -> None:
+        """ranks: the rank count that saved the state (default: this one's)."""
         self.steps, self.first_step = state["steps"], state["first_step"]
         self.nonfinite_steps = state["nonfinite_steps"]
         # The saved sums are global: rank 0 carries them, so the next reduction over the
-        # ranks gives them back exactly.
-        share = state["sums"] if self.world.is_root else [0.0] * len(SUMS)
+        # ranks gives them back, exactly at the same rank count, and at another one
+        # rescaled from that count's N x to this one's.
+        share = rescaled(state["sums"], ranks, self.world.size) if self.world.is_root \
+            else [0.0] * len(SUMS)
         self.sums = mx.nd.array(share, ctx=self.ctx)
+
+
+def rescaled(sums: List[float], saved_ranks: Optional[int], ranks: int) -> List[float]:
+    """Sums of N x the global values saved at `saved_ranks` ranks, for `ranks` ranks."""
+    if saved_ranks is None or saved_ranks == ranks:
+        return list(sums)
+    return [x * ranks / saved_ranks for x in sums]

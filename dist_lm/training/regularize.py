@@ -7,9 +7,11 @@ Activation Regularization for Language RNNs"), as GluonNLP 0.10 defines it:
 
 (`gluonnlp.loss.ActivationRegularizationLoss` and `TemporalActivationRegularizationLoss`
 applied, as GluonNLP's word_language_model.py applies them, to the last element of
-`encoded_dropped` and of `encoded_raw`.) The means run over every element, so over equal
-per-rank shapes the mean of the ranks' terms is the term of the global batch, and N ranks
-take the step one process with N*b columns takes.
+`encoded_dropped` and of `encoded_raw`.) The means run over every element of a rank's
+(T, b_r, H), so the term of the global batch is the mean of the ranks' terms weighted by
+b_r / G: the weight w_r = b_r N / G each rank's objective is scaled by before backward
+(dist.py) makes N ranks take the step one process with G columns takes, and the log
+sums the terms with the same weights.
 
 The training objective is CE + AR + TAR; perplexity means exp(CE), so the loss block
 returns the plain cross-entropy and the two terms besides the objective, and the log
@@ -18,8 +20,12 @@ interval keeps their sums (`TermSums`) apart from the meter's cross-entropy.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import mxnet as mx
 from mxnet.gluon import HybridBlock
+
+from .meter import rescaled
 
 
 def activation_reg(F, dropped, alpha: float):
@@ -70,14 +76,16 @@ class TermSums:
     the meter's sums (meter.py) and read only when the meter's interval closes; a step
     that was not finite adds nothing. A checkpoint part: the sums reduced over ranks."""
 
-    def __init__(self, world, ctx: mx.Context):
-        self.world, self.ctx = world, ctx
+    def __init__(self, world, ctx: mx.Context, weight: float = 1.0):
+        """weight: this rank's w_r = b_r N / G, as the meter's (meter.py)."""
+        self.world, self.ctx, self.weight = world, ctx, weight
         self.sums = mx.nd.zeros((3,), ctx=ctx)  # AR, TAR, finite steps; this rank's share
 
     def add(self, terms: mx.nd.NDArray, finite: mx.nd.NDArray) -> None:
         """terms (2,) [AR, TAR], finite (1,) 1.0 or 0.0; no host read."""
         terms = mx.nd.where(finite.broadcast_to((2,)), terms, mx.nd.zeros_like(terms))
-        self.sums += mx.nd.concat(terms, finite, dim=0)
+        values = mx.nd.concat(terms, finite, dim=0)  # (3,)
+        self.sums += values * self.weight if self.weight != 1.0 else values
 
     def _totals(self):
         return self.world.allreduce_sum(self.sums, name="terms.sums").asnumpy()
@@ -93,8 +101,10 @@ class TermSums:
         """Every rank must call this (a reduction over ranks)."""
         return {"sums": [float(x) for x in self._totals()]}
 
-    def load_state_dict(self, state: dict) -> None:
-        share = state["sums"] if self.world.is_root else [0.0] * 3
+    def load_state_dict(self, state: dict, ranks: Optional[int] = None) -> None:
+        """ranks: the rank count that saved the state (default: this one's)."""
+        share = rescaled(state["sums"], ranks, self.world.size) if self.world.is_root \
+            else [0.0] * 3
         self.sums = mx.nd.array(share, ctx=self.ctx)
 
 
@@ -110,9 +120,9 @@ class NoTerms:
     def state_dict(self) -> None:
         return None
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, ranks: Optional[int] = None) -> None:
         pass
 
 
-def make_terms(alpha: float, beta: float, world, ctx: mx.Context):
-    return TermSums(world, ctx) if alpha or beta else NoTerms()
+def make_terms(alpha: float, beta: float, world, ctx: mx.Context, weight: float = 1.0):
+    return TermSums(world, ctx, weight) if alpha or beta else NoTerms()

@@ -2,7 +2,8 @@
 
     config.json     the full Config of the run (loadable with --config)
     vocab.json      the vocabulary (GluonNLP Vocab JSON)
-    run.json        facts of the run the config does not hold (ranks, eval columns)
+    run.json        facts of the run the config does not hold (ranks, eval columns,
+                    each rank's training columns)
     best.params     parameters with the best validation loss so far
     final.params    parameters at the end of the run
     .lock           locked by the job that writes the directory; names its host and pid

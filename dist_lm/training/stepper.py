@@ -41,7 +41,11 @@ class Stepper:
     """Forward, backward, allreduce, clip, update: its own hybridized graph (training
     shapes) over the model's parameters."""
 
-    def __init__(self, model, cfg: Config, world: World, ctx: mx.Context):
+    def __init__(self, model, cfg: Config, world: World, ctx: mx.Context,
+                 weight: float = 1.0):
+        """weight: this rank's w_r = b_r N / G, its b_r of the G global columns (1 when
+        the ranks hold equal shares): the objective is scaled by it before backward, so
+        the mean over the ranks of their gradients is the global batch's (dist.py)."""
         decoder = model.decoder[0]
         self.sampler = sampler_for(cfg, decoder.weight.shape[0])
         # With AR/TAR the block also returns the objective and the terms [AR, TAR] (2,):
@@ -56,7 +60,9 @@ class Stepper:
         else:
             self.loss_block = SampledTokenLoss(model, self.sampler.num_sampled)
             self.loss_block.hybridize(static_alloc=True, static_shape=True)
-        self.world, self.ctx = world, ctx
+        self.world, self.ctx, self.weight = world, ctx, weight
+        # d(w_r objective)/d(objective), the head gradient of backward, (1,).
+        self._head = mx.nd.full((1,), weight, ctx=ctx) if weight != 1.0 else None
         self.clip, self.clip_mode = cfg.optim.clip, cfg.optim.clip_mode
         self.skip_nonfinite = cfg.reliability.nonfinite == "skip"
         params = model.collect_params()
@@ -108,9 +114,10 @@ class Stepper:
             else:
                 loss, states = self.loss_block(*args)
                 objective = loss
-        objective.backward()
+        objective.backward(self._head)  # the gradient of w_r x objective
         norm, finite = self.world.gradient_step(self.trainer, self.grads, self.clip,
-                                                self.clip_mode, self.skip_nonfinite, rows)
+                                                self.clip_mode, self.skip_nonfinite, rows,
+                                                self.weight)
         if self._in_flight is not None:
             self._in_flight.wait_to_read()
         self._in_flight = loss

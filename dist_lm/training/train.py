@@ -1,9 +1,11 @@
 """Training: the reference notebook's recipe, or the AWD-LSTM one, on any number of ranks.
 
 `train` locks the run directory for the job (rank 0, before writing anything there) and
-builds the run once: the config for this many ranks, this rank's columns of the data,
-the model and its trainer, the checkpoint parts (restored on --resume), and the
-objects that do rank-0 work (reporter, run directory; quiet versions on other ranks).
+builds the run once: the config for this many ranks, this rank's columns of the data
+(b_r of the G global columns at any N <= G ranks, weighted so that N ranks take one
+process's steps, runtime/dist.py), the model and its trainer, the checkpoint parts
+(restored on --resume), and the objects that do rank-0 work (reporter, run directory;
+quiet versions on other ranks).
 `fit` is the loop, top to bottom: epochs of BPTT steps, a log line every --log-interval
 steps, checkpoints when agreed, and at each epoch end validation, the plateau decision,
 the test pass at a new best and a checkpoint. Nothing in it asks which rank it is on.
@@ -38,6 +40,7 @@ import mxnet as mx
 from ..config import Config
 from ..data.bptt import make_windows
 from ..data.corpus import Corpus, eval_columns, load_corpus
+from ..data.text import column_range
 from ..errors import Preempted
 from ..model import build_model
 from ..runtime.dist import World, run_everywhere
@@ -77,9 +80,19 @@ class Run:
     reporter: object
     watchdog: Optional[Watchdog] = None
 
+    @property
+    def columns(self) -> int:
+        """b_r, this rank's training columns (its recurrent state's batch size)."""
+        return self.corpus.train.columns
+
+    @property
+    def global_columns(self) -> int:
+        """G, the training columns over all ranks: a step's samples."""
+        return self.cfg.global_columns(self.world.size)
+
     def tokens(self) -> int:
         """Training tokens seen over all ranks."""
-        return self.windows.rows(self.progress) * self.world.size * self.cfg.run.batch_size
+        return self.windows.rows(self.progress) * self.global_columns
 
     def heartbeat(self) -> None:
         """After every evaluation batch: progress for the watchdog, stop agreement."""
@@ -106,15 +119,19 @@ def train_in(run_dir, cfg: Config, world: World, ctx: mx.Context) -> dict:
     vocab_json = corpus.vocab_json
     model = build_model(cfg.model, len(corpus.vocab))
     model.initialize(mx.init.Xavier(), ctx=ctx)
-    stepper = Stepper(model, cfg, world, ctx)
+    # w_r = b_r N / G: this rank's share of the global mean, for the gradient and the log.
+    g = cfg.global_columns(world.size)
+    weight = corpus.train.columns * world.size / g
+    stepper = Stepper(model, cfg, world, ctx, weight)
     o, progress = cfg.optim, Progress()
     windows = make_windows(corpus.train, cfg.run.variable_bptt, cfg.run.bptt, cfg.run.seed,
                            progress)
     parts = Parts(model, stepper.trainer,
                   LRSchedule(cfg.scaled_lr(world.size), o.warmup_steps, o.lr_decay,
                              interval=o.lr_update_interval, factor=o.lr_update_factor),
-                  progress, IntervalMeter(world, ctx, o.clip, cfg.reliability.nonfinite),
-                  make_terms(o.alpha, o.beta, world, ctx),
+                  progress, IntervalMeter(world, ctx, o.clip, cfg.reliability.nonfinite,
+                                          weight),
+                  make_terms(o.alpha, o.beta, world, ctx, weight),
                   make_averager(o.ntasgd, model, o.ntasgd_nonmono))
     checkpointer = Checkpointer(parts, world, run_dir, cfg, vocab_json,
                                 corpus.train.num_batches, windows.done)
@@ -123,7 +140,9 @@ def train_in(run_dir, cfg: Config, world: World, ctx: mx.Context) -> dict:
     run_dir.write_json("config.json", cfg.to_dict())
     run_dir.write_text("vocab.json", vocab_json)
     columns = eval_columns(cfg)
-    run_dir.write_json("run.json", {"ranks": world.size, "eval_columns": columns})
+    run_dir.write_json("run.json", {"ranks": world.size, "eval_columns": columns,
+                                    "train_columns": [len(column_range(g, r, world.size))
+                                                      for r in range(world.size)]})
     run = Run(cfg, world, ctx, corpus, model, stepper, parts.schedule, parts.progress,
               parts.meter, windows, parts.terms, parts.average, checkpointer,
               Agreement(world, cfg.reliability.checkpoint_minutes,
@@ -149,14 +168,14 @@ def fit(run: Run, states) -> dict:
     start, first_step = time.time(), p.step
     if cfg.run.eval_first and p.step == 0:
         run.reporter.baseline(p.step, run.tokens(), evaluate(
-            run, run.valid, run.model.begin_state(cfg.run.batch_size, run.ctx)))
+            run, run.valid, run.model.begin_state(run.columns, run.ctx)))
     # An epoch whose batches are all done is resumed for its validation.
     while p.epoch < cfg.run.epochs and (p.step < max_steps or windows.done(p)):
         run.reporter.epoch_start(p.epoch, p.batch)
         epoch_start, epoch_first_step = time.time(), p.step
         run.meter.restart_clock()  # not the evaluation, checkpoint or resume before it
         if states is None:
-            states = run.model.begin_state(cfg.run.batch_size, run.ctx)
+            states = run.model.begin_state(run.columns, run.ctx)
         while not windows.done(p) and p.step < max_steps:
             states = train_step(run, states)
             stop, checkpoint = run.agreement.poll(p.step)
@@ -171,7 +190,7 @@ def fit(run: Run, states) -> dict:
         states = None
     seconds = time.time() - start
     save_params(run, "final.params")
-    samples = run.world.size * cfg.run.batch_size * (p.step - first_step)
+    samples = run.global_columns * (p.step - first_step)
     run.reporter.done(p.step, run.tokens(), seconds, samples / max(seconds, 1e-9))
     return {"steps": p.step, "best_val_loss": run.schedule.best_val,
             "test_loss": p.test_loss, "seconds": seconds,
@@ -198,8 +217,7 @@ def train_step(run: Run, states):
         run.world.check_in_sync(run.model.collect_params(), p.step)
     if run.meter.steps == cfg.run.log_interval:
         interval = run.meter.close()
-        samples_per_s = run.world.size * cfg.run.batch_size * interval.timed_steps / \
-            interval.seconds
+        samples_per_s = run.global_columns * interval.timed_steps / interval.seconds
         rows_per_step = run.windows.rows(p) / p.step  # bptt, or the mean drawn length
         run.reporter.train(TrainStats(
             epoch=p.epoch, batch=p.batch, num_batches=run.windows.num_batches,
@@ -219,11 +237,11 @@ def end_epoch(run: Run, train_seconds: float, steps: int) -> None:
     run.terms.close()
     if steps:
         run.reporter.epoch_end(p.epoch, p.step, run.tokens(), train_seconds,
-                               run.world.size * cfg.run.batch_size * steps / train_seconds)
+                               run.global_columns * steps / train_seconds)
     started = time.time() - train_seconds
     # A stop agreed during evaluation checkpoints this point: the epoch trained, its
     # validation still due.
-    fresh = run.model.begin_state(cfg.run.batch_size, run.ctx)
+    fresh = run.model.begin_state(run.columns, run.ctx)
     val = evaluate(run, run.valid, fresh)
     test = evaluate(run, run.test, fresh) if val < run.schedule.best_val else None
     run.reporter.valid(p.epoch, p.step, run.tokens(), time.time() - started, val)

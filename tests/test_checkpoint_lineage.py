@@ -141,3 +141,29 @@ def test_a_checkpoint_from_elsewhere_moves_the_one_at_its_step_too(tmp_path):
     # (10), not at the resumed one's (20).
     assert sorted(os.listdir(aside)) == ["best.params", "step-000000020"]
     assert steps_in(ckpts) == [10]
+
+
+@pytest.mark.medium
+def test_checkpoints_of_a_line_resumed_past_a_damaged_newest_one_are_kept(
+        heldout, tmp_path, capsys):
+    """`--resume auto` falls back past a damaged newest checkpoint, which stays where it
+    is. The new line's checkpoints come before it by step: pruning must not count it
+    among the newest `keep` and delete them (with --keep-checkpoints 1 the new line would
+    keep none, and the next resume would start the run over)."""
+    run_dir = tmp_path / "run"
+    ckpts = run_dir / "checkpoints"
+    train(heldout, run_dir, "--checkpoint-steps", "10", "--max-steps", "30")
+    assert steps_in(ckpts) == [10, 20, 30]
+    damaged = ckpts / "step-000000030" / "model.params"
+    damaged.write_bytes(damaged.read_bytes()[:100])
+
+    train(heldout, run_dir, "--resume", "auto", "--checkpoint-steps", "5",
+          "--keep-checkpoints", "1", "--max-steps", "25")
+    err = capsys.readouterr().err
+    assert "step-000000030: model.params is damaged" in err
+    assert steps_in(ckpts) == [25, 30]  # the new line's newest, and the damaged one
+
+    train(heldout, run_dir, "--resume", "auto", "--max-steps", "35")
+    out = capsys.readouterr().out
+    first = re.search(r"\[Epoch 0 Batch (\d+)/37\]", out)
+    assert first and first.group(1) == "30", out  # resumed from step 25, not from 0

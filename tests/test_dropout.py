@@ -5,6 +5,9 @@ MXNet 1.9.1's default CPU LSTM kernel (oneDNN) ignores the fused RNN operator's 
 between layers; these tests run with that kernel, as every CPU run does.
 """
 
+import json
+from pathlib import Path
+
 import mxnet as mx
 import numpy as np
 import pytest
@@ -111,3 +114,28 @@ def test_every_mask_differs_across_ranks_and_repeats_on_resume(name):
         assert loss(1, 5) != first, knob
         assert loss(0, 6) != first, knob
         assert loss(0, 5) == first, knob
+
+
+@pytest.mark.medium
+def test_resuming_a_checkpoint_of_the_earlier_scheme_says_the_model_changes(
+        heldout, tmp_path, capsys):
+    """A checkpoint written before the stack drew its own dropout trained without it on a
+    CPU: resuming one says, in one line, that the run goes on with it."""
+    from conftest import TINY, data_args
+    from dist_lm.cli import main
+    from dist_lm.training.checkpoint import EARLIER_RNG_SCHEME, list_checkpoints
+
+    run = [*data_args(heldout, heldout, heldout), *TINY, "--num-layers", "2", "--dropout",
+           "0.2", "--checkpoint-steps", "5", "--run-dir", str(tmp_path / "run")]
+    assert main(["train", *run, "--max-steps", "5"]) == 0
+    capsys.readouterr()
+    assert main(["train", *run, "--resume", "auto", "--max-steps", "6"]) == 0
+    assert "earlier dist-lm" not in capsys.readouterr().err  # this scheme's checkpoint
+
+    meta_file = Path(list_checkpoints(str(tmp_path / "run" / "checkpoints"))[-1]) / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    meta_file.write_text(json.dumps(dict(meta, rng=EARLIER_RNG_SCHEME)))
+    assert main(["train", *run, "--resume", "auto", "--max-steps", "7"]) == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if "earlier dist-lm" in line]
+    assert len(warned) == 1 and warned[0].startswith("dist-lm: warning: the checkpoint at "
+                                                     "step 6 was written by an earlier")

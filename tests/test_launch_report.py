@@ -112,6 +112,38 @@ def test_a_stop_nobody_here_asked_for_is_still_a_stop():
                   "process (pid 102) still ran when the job failed")
 
 
+def test_a_second_stop_signal_while_the_stop_winds_down_keeps_the_job_a_stop():
+    """The ranks stopped with a checkpoint; one is signalled again as it shuts down (Open
+    MPI ends the job on the first exit 143): its record is a stop, so is the job."""
+    done = python_rank("""
+        import os, signal
+        from dist_lm.runtime.lifecycle import STOP
+        from dist_lm.runtime.selfreport import exit_record
+        STOP.install()
+        STOP.arm()
+        os.kill(os.getpid(), signal.SIGTERM)  # the agreed stop: the flag only
+        STOP.arm(False)                       # the loop is done; shutting down
+        with exit_record():
+            os.kill(os.getpid(), signal.SIGTERM)
+        """)
+    assert done.returncode == 143
+    (end,) = records_in(done.stderr)
+    assert (end["code"], end["kind"]) == (143, "stopped")
+    lines = [start(0, size=2), start(1, size=2), exit_(1, 143, STOPPED, "stopped"),
+             exit_(0, 143, end["reason"], end["kind"])]
+    assert report_of(lines, hosts=HOSTS3[:2], code=143, probe=fake_probe())[0] == "stopped"
+
+
+def test_addresses_are_hosts_of_their_own():
+    """Ranks placed by address: 10.0.0.1 and 10.0.0.2 are two hosts, while a qualified
+    name and its short name are one."""
+    from dist_lm.runtime.jobreport import same_host
+    assert not same_host("10.0.0.1", "10.0.0.2")
+    assert same_host("10.0.0.1", "10.0.0.1")
+    assert not same_host("node1", "10.0.0.1")
+    assert same_host("w-0.svc", "w-0") and not same_host("w-0.svc", "w-1")
+
+
 # --- the ranks that said nothing: the probe -------------------------------------------------
 
 def test_a_silent_rank_whose_host_answers_and_whose_pid_is_gone_was_killed():
@@ -313,7 +345,9 @@ def test_the_watchdogs_exit_and_a_signals_end_leave_exit_records():
         """)
     assert done.returncode == 143
     (end,) = records_in(done.stderr)
-    assert (end["code"], end["reason"]) == (143, "ended by signal 15 (Terminated)")
+    # A stop signal outside training is a stop, not an error (lifecycle marks its exit).
+    assert (end["code"], end["kind"], end["reason"]) == \
+        (143, "stopped", "ended by signal 15 (Terminated)")
     done = python_rank("""
         from dist_lm.runtime.selfreport import exit_record
         with exit_record():

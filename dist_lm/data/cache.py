@@ -43,7 +43,7 @@ import subprocess
 import sys
 import tempfile
 from contextlib import contextmanager
-from typing import Callable, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -265,6 +265,7 @@ class CorpusCache:
         if not _writable(root):
             raise UsageError(f"cache directory {root} is not writable (set --cache-dir)")
         self.root, self.parts = root, parts
+        self.sources: Dict[str, dict] = {}  # split path -> size and sha1, as `ids` read it
 
     @contextmanager
     def _lock(self, exclusive: bool):
@@ -343,8 +344,10 @@ class CorpusCache:
 
     # --- ids of a split under a vocabulary --------------------------------------------------
     def ids(self, split_path: str, vocab) -> np.memmap:
-        """The split's ids under vocab, memory-mapped read-only, shape (tokens,)."""
+        """The split's ids under vocab, memory-mapped read-only, shape (tokens,). The
+        split's size and sha1 are kept in `self.sources[split_path]`."""
         source = file_digest(split_path)
+        self.sources[split_path] = source
         vocab_json = vocab.to_json()
         name = self._ids_name(vocab_json, source)
 

@@ -11,7 +11,8 @@ perplexity.
 
 Every rank reads its own copy of the data and its own corpus cache, so the ranks first
 agree that they read the same: one allgather of (host, vocabulary digest, vocabulary
-size, tokens per split) per rank, compared with rank 0's. A node with another copy of a
+size, tokens and sha1 per split) per rank, compared with rank 0's (the cache hashes every
+split it reads anyway). A node with another copy of a
 split would otherwise train on other text silently, or walk another number of batches
 and leave its peers waiting in a collective until a timeout blames a dead peer.
 """
@@ -62,14 +63,15 @@ def load_corpus(cfg: Config, world: World, need=("train", "valid", "test"),
         first = getattr(splits, "train" if "train" in need else need[0])
         cache = CorpusCache(cache_root(cfg.data.cache_dir, first))
         v = vocab or cache.vocab(splits.train, cfg.data.min_freq, cfg.data.max_vocab)
-        return v, {n: cache.ids(getattr(splits, n), v) for n in need}
+        ids = {n: cache.ids(getattr(splits, n), v) for n in need}
+        return v, ids, {n: cache.sources[getattr(splits, n)]["sha1"] for n in need}
 
     given = vocab is not None
-    vocab, ids = run_everywhere(world, from_cache, "cache")
+    vocab, ids, sha1s = run_everywhere(world, from_cache, "cache")
     vocab_json = vocab.to_json()  # once: the digest here, vocab.json and the checkpoints
     seen = world.allgather_object(
         (socket.gethostname(), text_digest(vocab_json), len(vocab),
-         {n: len(ids[n]) for n in need}), name="data.agree")
+         {n: len(ids[n]) for n in need}, sha1s), name="data.agree")
     flags = {n: f"--{n}-file" if getattr(cfg.data, f"{n}_file") else "--data-dir"
              for n in need}
     flags["vocabulary"] = "--run-dir" if given else flags.get("train", "--data-dir")
@@ -89,7 +91,8 @@ def load_corpus(cfg: Config, world: World, need=("train", "valid", "test"),
                   shards.get("test"))
 
 
-Seen = Tuple[str, str, int, Dict[str, int]]  # host, vocabulary digest and size, tokens
+# host, vocabulary digest and size, tokens per split, sha1 per split
+Seen = Tuple[str, str, int, Dict[str, int], Dict[str, str]]
 
 
 def data_mismatch(seen: List[Seen], flags: Dict[str, str]) -> Optional[str]:
@@ -97,18 +100,26 @@ def data_mismatch(seen: List[Seen], flags: Dict[str, str]) -> Optional[str]:
     with the flags to check there; None when every rank read the same. seen: each rank's
     Seen, by rank. flags: the flag that chose each split's file, and the vocabulary's
     source, by name."""
-    host0, digest0, words0, counts0 = seen[0]
+    host0, digest0, words0, counts0, sha0 = seen[0]
     groups: Dict[tuple, List[Tuple[int, str]]] = {}  # ranks that read the same as each other
-    for rank, (host, digest, words, counts) in enumerate(seen):
-        if (digest, counts) != (digest0, counts0):
-            groups.setdefault((digest, words, tuple(counts.items())), []).append((rank, host))
+    for rank, (host, digest, words, counts, sha) in enumerate(seen):
+        if (digest, counts, sha) != (digest0, counts0, sha0):
+            key = (digest, words, tuple(counts.items()), tuple(sha.items()))
+            groups.setdefault(key, []).append((rank, host))
     if not groups:
         return None
     parts, checks = [], []
-    for (digest, words, counts), ranks in groups.items():
-        other = [(name, n) for name, n in counts if n != counts0[name]]
-        what = [f"{name} split {n:,} tokens against {counts0[name]:,}" for name, n in other]
-        checks += [flags[name] for name, _ in other]
+    for (digest, words, counts, sha), ranks in groups.items():
+        what = []
+        for (name, n), (_, sha1) in zip(counts, sha):
+            if n != counts0[name]:
+                what.append(f"{name} split {n:,} tokens against {counts0[name]:,}")
+            elif sha1 != sha0[name]:  # as many tokens, other text
+                what.append(f"{name} split of other content ({n:,} tokens, sha1 "
+                            f"{sha1[:12]} against {sha0[name][:12]})")
+            else:
+                continue
+            checks.append(flags[name])
         if digest != digest0:
             what.append(f"a vocabulary of {words:,} words against {words0:,}"
                         if words != words0 else

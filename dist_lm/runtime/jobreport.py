@@ -22,6 +22,7 @@ reason), then from what it finds out itself, and only last from the launcher's w
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import signal
 import socket
@@ -395,4 +396,18 @@ def signal_name(number: int) -> str:
 
 
 def same_host(a: str, b: str) -> bool:
-    return a == b or a.split(".", 1)[0] == b.split(".", 1)[0]
+    """The same host, by name (node2 and node2.cluster.local are one) or by address
+    (compared whole: 10.0.0.1 and 10.0.0.2 are two)."""
+    if a == b:
+        return True
+    if _is_address(a) or _is_address(b):
+        return False
+    return a.split(".", 1)[0] == b.split(".", 1)[0]
+
+
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True

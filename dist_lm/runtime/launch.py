@@ -278,8 +278,8 @@ def _watch(proc: subprocess.Popen, argv: List[str], kind: str, report: JobReport
             if since is not None and not signals and prober.ident is None:
                 prober.start()
             if since is not None and time.monotonic() - since > grace_s:
-                print(f"dist-lm: {os.path.basename(argv[0])} did not end within "
-                      f"{grace_s:g}s of the failure; ending it", file=sys.stderr, flush=True)
+                _last_word(f"dist-lm: {os.path.basename(argv[0])} did not end within "
+                           f"{grace_s:g}s of the failure; ending it")
                 kill_session(proc.pid)
                 killed = True
                 break
@@ -300,11 +300,20 @@ def _watch(proc: subprocess.Popen, argv: List[str], kind: str, report: JobReport
     if code == 0 and not killed:
         return 0
     verdict, sentence = report.cause(code, bool(signals), probe)
-    print(f"dist-lm: {verdict}: job {'stopped' if verdict == 'stopped' else 'failed'}: "
-          f"{sentence}", file=sys.stderr, flush=True)
+    _last_word(f"dist-lm: {verdict}: job {'stopped' if verdict == 'stopped' else 'failed'}: "
+               f"{sentence}")
     if verdict == "stopped":
         return 143  # what the ranks said; horovodrun reports 1 whatever they did
     return code if code > 0 else 128 - code if code < 0 else 1
+
+
+def _last_word(line: str) -> None:
+    """A line of the supervisor's own on stderr, which may be gone (`... 2>&1 | tee log`
+    and Ctrl-C ends tee too): the exit code still says how the job ended."""
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
 
 
 USAGE = """usage: dist-lm launch [--grace S] LAUNCHER [ARGS...]

@@ -76,7 +76,11 @@ class StopFlag:
         if self._armed and not self.signum:
             self.signum = signum
             return
-        raise SystemExit(128 + signum)
+        # Outside training, or again while the stop winds down: end now, as a stop (the
+        # rank's exit record says so; selfreport reads `stop`), not as a failure.
+        end = SystemExit(128 + signum)
+        end.stop = True
+        raise end
 
 
 STOP = StopFlag()

@@ -109,7 +109,10 @@ def exit_record() -> Iterator[Outcome]:
         yield outcome
     except SystemExit as err:
         code = err.code if isinstance(err.code, int) else (0 if err.code is None else 1)
-        ended(code, _signal_reason(code) if code > 128 else f"exited with code {code}")
+        # A stop signal's exit (lifecycle marks it `stop`) is a stop, not an error: one
+        # outside training, or a second one while the agreed stop winds down.
+        kind = "stopped" if getattr(err, "stop", False) else None
+        ended(code, _signal_reason(code) if code > 128 else f"exited with code {code}", kind)
         raise
     except BaseException as err:
         ended(1, f"{type(err).__name__}: {err}")

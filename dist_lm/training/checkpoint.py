@@ -34,10 +34,12 @@ checkpoint is written into `.tmp-step-...`, every file fsynced, then the directo
 renamed to `step-...` and the parent fsynced: a crash leaves either the complete
 checkpoint or no checkpoint under the final name. Each write first removes every
 `.tmp-step-...` (one job owns the directory, so any left is from a crashed write), and
-then prunes by step to the newest `keep` plus the best one. `find_resume` checks every
-digest and falls back to the previous checkpoint (with a warning) when the newest is
-damaged. On resume rank 0 reads it and broadcasts its arrays one at a time
-(`broadcast_arrays`), so that no rank holds more than the state plus its largest array.
+then prunes by step to the newest `keep` plus the best one, among the checkpoints up to
+its own step. `find_resume` checks every digest and falls back to the previous
+checkpoint (with a warning) when the newest is damaged; the damaged one stays, after
+the new line's checkpoints by step, until that line writes its step again. On resume
+rank 0 reads it and broadcasts its arrays one at a time (`broadcast_arrays`), so that no
+rank holds more than the state plus its largest array.
 
 The checkpoints directory holds one line of the run. Resuming by path from a checkpoint
 at step S while later ones exist (a rollback past a loss spike, or a checkpoint from
@@ -74,7 +76,11 @@ FILES = ("model.params", "optimizer.nd", "hidden.nd")
 STEP_DIR = re.compile(r"^step-(\d{9})$")
 TMP_PREFIX = ".tmp-step-"   # a checkpoint being written
 ABANDONED = "abandoned"     # the lines a resume from an earlier step left behind
-RNG_SCHEME = "mx.random.seed(crc32('seed:rank:step')) before every step"
+RNG_SCHEME = ("mx.random.seed(crc32('seed:rank:step')) before every step; every dropout "
+              "mask by Dropout(cudnn_off), between LSTM layers too")
+# What checkpoints recorded before the models drew the dropout between LSTM layers
+# themselves: on a CPU that dropout was skipped, on a GPU cuDNN drew it.
+EARLIER_RNG_SCHEME = "mx.random.seed(crc32('seed:rank:step')) before every step"
 
 
 class OtherFormat(UsageError):
@@ -175,6 +181,13 @@ class Checkpointer:
         if meta is None:
             return None
         run_everywhere(self.world, lambda: self.check_compatible(meta), "resume-check")
+        if self.world.is_root and meta.get("rng") == EARLIER_RNG_SCHEME and \
+                self.cfg.model.dropout and self.cfg.model.num_layers > 1 and \
+                self.cfg.model.family == "standard":
+            say(f"dist-lm: warning: the checkpoint at step {meta['step']} was written by an "
+                f"earlier dist-lm, which did not apply the dropout between LSTM layers on a "
+                f"CPU (on a GPU cuDNN drew it): this run applies it from here on, so it "
+                f"continues a differently regularized model")
         p = self.parts
         arrays = run_everywhere(
             self.world, lambda: self.run_dir.load_checkpoint(found, p.model, ctx), "resume-load")
@@ -324,7 +337,8 @@ def remove_unfinished(directory: str) -> None:
 def write_checkpoint(directory: str, step: int, model, optimizer: Dict[str, mx.nd.NDArray],
                      hidden: List[np.ndarray], meta: dict, keep: int,
                      protect: Optional[int]) -> str:
-    """Writes one checkpoint atomically; keeps the newest `keep` plus step `protect`."""
+    """Writes one checkpoint atomically; of those up to this step, keeps the newest
+    `keep` plus step `protect` (later ones are left alone)."""
     os.makedirs(directory, exist_ok=True)
     final = os.path.join(directory, f"step-{step:09d}")
     tmp = os.path.join(directory, f"{TMP_PREFIX}{step:09d}")
@@ -349,7 +363,9 @@ def write_checkpoint(directory: str, step: int, model, optimizer: Dict[str, mx.n
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for old in list_checkpoints(directory)[:-keep]:
+    # Only those up to this step count: a later one is a damaged checkpoint that
+    # --resume auto passed over (left in place), which must not push this line out.
+    for old in [p for p in list_checkpoints(directory) if _step_of(p) <= step][:-keep]:
         if protect is None or not old.endswith(f"step-{protect:09d}"):
             shutil.rmtree(old, ignore_errors=True)
     return final

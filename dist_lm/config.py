@@ -418,3 +418,96 @@ def recipe_of(name: str, family: str) -> dict:
         raise UsageError(f"unknown recipe '{name}'; choose from auto, "
                          f"{', '.join(sorted(RECIPES))}")
     return RECIPES[name]
+
+
+# --- dist-lm launch ---------------------------------------------------------------------------
+
+@dataclass
+class LaunchConfig:
+    """`dist-lm launch`'s own options (runtime/launch.py, runtime/elastic.py); Horovod's
+    flag names where horovodrun has the same option. With --host-discovery-script the job
+    is elastic."""
+
+    grace: float = opt(20.0, "seconds the launcher has to end once the job is seen failing, "
+                             "then its session is killed")
+    host_discovery_script: Optional[str] = opt(
+        None, "elastic mode: an executable that prints the usable hosts, one `host` or "
+              "`host:slots` per line (the MPI Operator's /etc/mpi/discover_hosts.sh); "
+              "polled, and the job is restarted on the hosts it lists", shown="not elastic")
+    min_np: int = opt(1, "elastic: the fewest ranks the job trains with; with fewer slots "
+                         "it waits for hosts (--elastic-timeout). Each rank's share of the "
+                         "global batch grows as ranks go: G/min-np columns must fit a device")
+    max_np: Optional[int] = opt(None, "elastic: the most ranks (at most the training "
+                                      "command's --global-batch-size)",
+                                shown="--global-batch-size")
+    slots_per_host: int = opt(1, "elastic: ranks on a host whose discovery line gives no "
+                                 "slots")
+    reset_limit: int = opt(20, "elastic: restarts after failures (a lost rank or host) "
+                               "before the job ends; growing does not count")
+    blacklist_cooldown_range: Optional[tuple] = opt(
+        (60.0, 600.0), "elastic: MIN MAX seconds a host that failed sits out, doubling from "
+                       "MIN with each failure of that host up to MAX")
+    elastic_timeout: float = opt(600.0, "elastic: seconds to wait for --min-np slots before "
+                                        "the job ends")
+    discovery_interval: float = opt(5.0, "elastic: seconds between runs of the discovery "
+                                         "script while the job trains")
+    grow_interval: float = opt(120.0, "elastic: a job that could grow restarts larger no "
+                                      "sooner than this many seconds after its last (re)start")
+    checkpoint_minutes: float = opt(5.0, "elastic: the training command's "
+                                         "--checkpoint-minutes when it sets neither that nor "
+                                         "--checkpoint-steps (a lost host costs the steps "
+                                         "since the last checkpoint)")
+
+    @property
+    def elastic(self) -> bool:
+        return self.host_discovery_script is not None
+
+    def validate(self) -> "LaunchConfig":
+        low, high = self.blacklist_cooldown_range
+        checks = [("--grace", self.grace > 0), ("--slots-per-host", self.slots_per_host > 0),
+                  ("--reset-limit", self.reset_limit >= 0),
+                  ("--blacklist-cooldown-range", 0 <= low <= high),
+                  ("--elastic-timeout", self.elastic_timeout > 0),
+                  ("--discovery-interval", self.discovery_interval > 0),
+                  ("--grow-interval", self.grow_interval >= 0),
+                  ("--checkpoint-minutes", self.checkpoint_minutes > 0),
+                  ("--min-np", self.min_np > 0),
+                  ("--max-np", self.max_np is None or self.max_np > 0)]
+        for flag, ok in checks:
+            if not ok:
+                raise UsageError(f"{flag}: out of range (see dist-lm launch --help)")
+        if self.min_np and self.max_np and self.min_np > self.max_np:
+            raise UsageError(f"--min-np {self.min_np} is above --max-np {self.max_np}")
+        given = [f for f, v in [("--min-np", self.min_np != 1), ("--max-np", self.max_np)] if v]
+        if given and not self.elastic:
+            raise UsageError(f"{given[0]} needs --host-discovery-script (elastic mode)")
+        return self
+
+
+def launch_parser() -> argparse.ArgumentParser:
+    """`dist-lm launch [OPTIONS] LAUNCHER [ARGS...]`: one flag per LaunchConfig field."""
+    parser = argparse.ArgumentParser(
+        prog="dist-lm launch", description="Runs LAUNCHER (mpirun, horovodrun) so that the "
+        "job ends whole, with one line that names a lost rank or node; with "
+        "--host-discovery-script, elastically (docs/reliability.md).")
+    hints = get_type_hints(LaunchConfig)
+    for f in dataclasses.fields(LaunchConfig):
+        tp = _base_type(hints[f.name])
+        shown = f.metadata["shown"] or f.default
+        kwargs: dict = {"dest": f.name, "default": f.default,
+                        "help": f"{f.metadata['help']} (default: {shown})"}
+        if tp is tuple:
+            kwargs.update(nargs=2, type=float, metavar=("MIN", "MAX"))
+        else:
+            kwargs.update(type=tp, metavar={int: "N", float: "S", str: "PATH"}[tp])
+        parser.add_argument(_flag(f.name), **kwargs)
+    parser.add_argument("launcher", nargs=argparse.REMAINDER,
+                        help="the launcher's command line: mpirun ... dist-lm train ...")
+    return parser
+
+
+def launch_config_from_args(args: argparse.Namespace) -> LaunchConfig:
+    return LaunchConfig(**{f.name: (tuple(getattr(args, f.name))
+                                    if f.name == "blacklist_cooldown_range"
+                                    else getattr(args, f.name))
+                           for f in dataclasses.fields(LaunchConfig)}).validate()

@@ -7,6 +7,15 @@ class UsageError(Exception):
     exit_code = 2
 
 
+class RunDirBusy(UsageError):
+    """Another job holds the run directory's lock: exit code 5. Not bad input: the holder
+    may be a rank of an earlier world of the same elastic job, cut off on a lost node,
+    whose lock on shared storage lapses once that rank ends (runtime/elastic.py waits
+    and starts again)."""
+
+    exit_code = 5
+
+
 class RanksOutOfSync(Exception):
     """Ranks hold different parameters where they must be identical: exit code 4."""
 

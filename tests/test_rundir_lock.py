@@ -73,7 +73,7 @@ def test_a_second_job_in_a_run_directory_in_use_is_refused(heldout, tmp_path):
         before = snapshot(run_dir)
         assert before[1], "no checkpoint yet"
         second = dist_lm(*train_args(heldout, run_dir, "--resume", "auto"), timeout=120)
-        assert second.returncode == 2, second.stderr
+        assert second.returncode == 5, second.stderr
         assert re.fullmatch(rf"dist-lm: error: {in_use(run_dir, first.pid)}\n",
                             second.stderr), second.stderr
         assert snapshot(run_dir) == before
@@ -104,7 +104,7 @@ def test_at_two_ranks_the_refusal_is_one_line_on_every_rank(heldout, tmp_path):
             heldout, run_dir, "--batch-size", "10", "--max-steps", "5")), timeout=120)
     finally:
         holder.release()
-    assert proc.returncode == 2, proc.stderr
+    assert proc.returncode == 5, proc.stderr
     errors = re.findall(r"^dist-lm: error: \[rank (\d)\] (.*)$", proc.stderr, re.M)
     assert sorted(r for r, _ in errors) == ["0", "1"], proc.stderr
     assert all(re.fullmatch(r"(rank 0: )?" + in_use(run_dir, os.getpid()), e)

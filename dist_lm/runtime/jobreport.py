@@ -31,7 +31,7 @@ import threading
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from ..errors import RanksOutOfSync
+from ..errors import NonFiniteError, RanksOutOfSync, UsageError
 from . import selfreport
 from .procs import kill_session
 
@@ -180,6 +180,7 @@ class JobReport:
         self.daemon_trouble = False
         self.unreachable: Dict[str, str] = {}                   # host -> ssh's reason
         self.probed = threading.Event()
+        self.reached: Dict[str, int] = {}   # step, checkpoint: from progress records
 
     # --- reading ---
 
@@ -206,6 +207,10 @@ class JobReport:
         size = record.get("size")
         for r in range(size if isinstance(size, int) else 0):
             self._rank(r)
+        if record.get("event") == "progress":
+            for key in ("step", "checkpoint"):
+                if isinstance(record.get(key), int):
+                    self.reached[key] = max(self.reached.get(key, 0), record[key])
         if record.get("event") == "exit" and rank.exit is None:
             rank.exit, rank.order = record, sum(r.exit is not None for r in self.ranks.values())
             if record.get("kind") == "error" and record.get("code"):
@@ -286,7 +291,10 @@ class JobReport:
         causes = [r for r in ended if r.exit.get("kind") == "error"
                   and r.exit.get("code") not in (0, SYMPTOM_CODE)
                   and not by_signal(r.exit.get("code", 0))]
-        stops = [r for r in ended if r.exit.get("kind") == "stopped"]
+        # The rank a stop signal reached first (its pod is going away) before those that
+        # stopped because the ranks agreed to.
+        stops = sorted((r for r in ended if r.exit.get("kind") == "stopped"),
+                       key=lambda r: not r.exit.get("signalled"))
         if stop_asked and stops and not causes:
             # Asked to stop, and ranks did so with a checkpoint: what else happened
             # while the job came down is not the story.
@@ -318,8 +326,7 @@ class JobReport:
     def _killed(self, gone: List[Rank]) -> str:
         """The sentence for ranks that ended without an exit record while their host
         answered: the one the launcher names first, with the signal it names."""
-        named = [r for r, _, _ in self.signal_deaths] + [r for r, _ in self.launcher_exits]
-        first = next((r for n in named for r in gone if r.rank == n), gone[0])
+        first = self._first_killed(gone)
         sig = next((s for r, _, s in self.signal_deaths if r == first.rank), None)
         code = next((c for r, c in self.launcher_exits if r == first.rank), 0)
         if sig is None and by_signal(code):  # a local worker of horovodrun
@@ -332,11 +339,18 @@ class JobReport:
             return f"{first.where()} was killed ({note})"
         return f"{first.where()} was killed by signal {sig} ({signal_name(sig)}; {note})"
 
+    def _first_killed(self, gone: List[Rank]) -> Rank:
+        named = [r for r, _, _ in self.signal_deaths] + [r for r, _ in self.launcher_exits]
+        return next((r for n in named for r in gone if r.rank == n), gone[0])
+
     def _said_weakly(self) -> Optional[Verdict]:
         with self.lock:
             ended = [r for _, r in sorted(self.ranks.items()) if r.exit is not None]
         errors = [r for r in ended if r.exit.get("kind") == "error"]
-        stops = [r for r in ended if r.exit.get("kind") == "stopped"]
+        # The rank a stop signal reached first (its pod is going away) before those that
+        # stopped because the ranks agreed to.
+        stops = sorted((r for r in ended if r.exit.get("kind") == "stopped"),
+                       key=lambda r: not r.exit.get("signalled"))
         if stops and not errors and not (self.daemon_trouble and self.silent()):
             # What mpirun says of its daemons as the stopped ranks' nodes go matters
             # only where a rank did not say how it ended.
@@ -361,6 +375,53 @@ class JobReport:
         if code < 0:
             return "error", f"the launcher was killed by signal {-code} ({signal_name(-code)})"
         return "error", f"the launcher exited with code {code}"
+
+    # --- for an elastic restart (elastic.py) ---
+
+    def lost_hosts(self) -> List[str]:
+        """The hosts the job lost: every host of a silent rank that no longer answers,
+        else the host of the rank that was killed first (the launcher's order, as the
+        verdict names it). Ranks the launcher ended after a failure are silent and gone
+        too, but their hosts are not to blame."""
+        silent = self.silent()
+        unreachable = [r.name for r in silent if r.seen == "unreachable"]
+        if unreachable:
+            return list(dict.fromkeys(unreachable))
+        gone = [r for r in silent if r.seen == "gone"]
+        if gone:
+            return [self._first_killed(gone).name]
+        with self.lock:
+            return [node for _, node, _ in self.signal_deaths[:1]]
+
+    def leaving_hosts(self) -> List[str]:
+        """The hosts of ranks that stopped because a stop signal reached them there (a
+        worker pod's preStop hook: the pod is going away), not because the others agreed."""
+        with self.lock:
+            return list(dict.fromkeys(
+                r.name for _, r in sorted(self.ranks.items()) if r.exit is not None
+                and r.exit.get("kind") == "stopped" and r.exit.get("signalled") and r.name))
+
+    def hopeless(self) -> bool:
+        """Whether a rank ended with an error that another start would meet again: bad
+        input (exit 2) or non-finite values (exit 3), not a lost peer or node."""
+        with self.lock:
+            return any(r.exit is not None and r.exit.get("kind") == "error"
+                       and r.exit.get("code") in (UsageError.exit_code,
+                                                  NonFiniteError.exit_code)
+                       for r in self.ranks.values())
+
+    def progress(self) -> Tuple[Optional[int], Optional[int]]:
+        """(the furthest step the job said it reached, the newest checkpoint step it said
+        it wrote or resumed from), from rank 0's progress records and the exit records;
+        None where nothing said (a launcher that kills its ranks leaves no exit records)."""
+        with self.lock:
+            exits = [r.exit for r in self.ranks.values() if r.exit is not None]
+            reached = dict(self.reached)
+        steps = [e["step"] for e in exits if isinstance(e.get("step"), int)]
+        saved = [e["checkpoint"] for e in exits if isinstance(e.get("checkpoint"), int)]
+        steps += [reached["step"]] if "step" in reached else []
+        saved += [reached["checkpoint"]] if "checkpoint" in reached else []
+        return (max(steps) if steps else None), (max(saved) if saved else None)
 
     def ranks_on(self, host: str) -> str:
         ranks = [str(r.rank) for _, r in sorted(self.ranks.items()) if r.name and

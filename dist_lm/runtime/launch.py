@@ -217,51 +217,115 @@ def pass_on(pid: int, kind: str, count: int, signum: int) -> None:
         pass
 
 
+class Signals:
+    """The stop signals this supervisor received, passed on to the launcher that runs
+    now (`attach`), and the supervisor's own request for a stop with a checkpoint
+    (`ask_stop`, elastic.py's, when the job is to grow), which counts as the first one.
+
+    Installed before a launcher starts (a signal in between would otherwise end this
+    process and leave the launcher, in its own session, running) and restored only after
+    the final line, which a signal must not cut short either."""
+
+    def __init__(self) -> None:
+        self.received: List[int] = []
+        self.asked = False
+        self._passed = 0
+        self._proc: Optional[subprocess.Popen] = None
+        self._kind = "other"
+        self._previous: Dict[int, object] = {}
+        # Reentrant: a second signal can arrive while the handler of the first runs.
+        self._lock = threading.RLock()
+
+    def __enter__(self) -> "Signals":
+        self._previous = {s: signal.signal(s, self._on_signal) for s in STOPS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def _on_signal(self, signum, frame) -> None:
+        self.received.append(signum)
+        self._pass()
+
+    def attach(self, proc: Optional[subprocess.Popen], kind: str = "other") -> None:
+        """The launcher that signals go to from now on (None: none runs); a new launcher
+        gets the signals that came while it started."""
+        with self._lock:
+            self._proc, self._kind, self._passed = proc, kind, 0
+            self.asked = False
+        self._pass()
+
+    def ask_stop(self) -> None:
+        """A stop with a checkpoint that the supervisor itself asks for."""
+        with self._lock:
+            self.asked = True
+        self._pass()
+
+    def _pass(self) -> None:
+        with self._lock:
+            proc = self._proc
+            # The user's first signal while the supervisor's own stop is under way is that
+            # same stop (the ranks are writing its checkpoint); a second one escalates.
+            wanted = max(len(self.received), 1 if self.asked else 0)
+            while proc is not None and self._passed < wanted:
+                self._passed += 1
+                signum = self.received[self._passed - 1] \
+                    if self._passed <= len(self.received) else signal.SIGTERM
+                pass_on(proc.pid, self._kind, self._passed, signum)
+
+
+class Ending:
+    """How one launch of the job ended: the launcher's exit code (as supervise returns
+    it), the verdict ('ok', 'error' or 'stopped') and its sentence, and the report the
+    verdict was read from."""
+
+    def __init__(self, code: int, verdict: str, sentence: str, report: JobReport):
+        self.code, self.verdict, self.sentence, self.report = code, verdict, sentence, report
+
+    def line(self) -> str:
+        """The supervisor's last line for this ending."""
+        what = "stopped" if self.verdict == "stopped" else "failed"
+        return f"dist-lm: {self.verdict}: job {what}: {self.sentence}"
+
+
 def supervise(argv: List[str], grace_s: float = 20.0, probe_timeout_s: float = 5.0) -> int:
     """Runs the launcher argv to its end (see the module docstring); returns its exit
     code (128 + N when signal N ended it; when it had to be killed, the failed rank's,
     else 1)."""
+    with Signals() as signals:
+        ending = run_launcher(argv, signals, grace_s, probe_timeout_s)
+        if ending.verdict != "ok":
+            _last_word(ending.line())
+        return ending.code
+
+
+def run_launcher(argv: List[str], signals: Signals, grace_s: float = 20.0,
+                 probe_timeout_s: float = 5.0, env: Optional[Dict[str, str]] = None) -> Ending:
+    """One launch of the job, to its end: what ended it (the caller prints the line).
+    env: variables for the ranks besides this process's (under mpirun the caller names
+    them with -x)."""
     kind = launcher_kind(argv)
     report = JobReport(rank_hosts(argv))
     ssh = ssh_command(argv, kind)
-    argv, env = ask_for_records(argv, kind)
-    signals: List[int] = []
-    passed: List[int] = []                      # of signals, those passed on
-    started: List[subprocess.Popen] = []
-
-    def pass_signals() -> None:
-        while started and len(passed) < len(signals):
-            passed.append(signals[len(passed)])
-            pass_on(started[0].pid, kind, len(passed), passed[-1])
-
-    def on_signal(signum, frame):
-        signals.append(signum)
-        pass_signals()
-
-    # Installed before the launcher starts: a signal in between would otherwise end this
-    # process and leave the launcher, in its own session, running. Restored only after
-    # the final line, which a signal must not cut short either.
-    previous = {s: signal.signal(s, on_signal) for s in STOPS}
+    argv, run_env = ask_for_records(argv, kind)
+    run_env.update(env or {})
     try:
-        try:
-            proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    stdin=subprocess.DEVNULL, start_new_session=True,
-                                    env=env)
-        except OSError as err:
-            print(f"dist-lm: error: cannot start {argv[0]}: {err.strerror}",
-                  file=sys.stderr)
-            return 127
-        started.append(proc)
-        pass_signals()  # those that came while it started
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                stdin=subprocess.DEVNULL, start_new_session=True,
+                                env=run_env)
+    except OSError as err:
+        return Ending(127, "error", f"cannot start {argv[0]}: {err.strerror}", report)
+    signals.attach(proc, kind)
+    try:
         probe = (lambda targets: probe_hosts(targets, ssh, probe_timeout_s))
         return _watch(proc, argv, kind, report, signals, grace_s, probe)
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+        signals.attach(None)
 
 
 def _watch(proc: subprocess.Popen, argv: List[str], kind: str, report: JobReport,
-           signals: List[int], grace_s: float, probe) -> int:
+           signals: Signals, grace_s: float, probe) -> Ending:
     relays = [threading.Thread(target=_relay, daemon=True,
                                args=(stream, sink, report, kind == "horovodrun"))
               for stream, sink in ((proc.stdout, sys.stdout.buffer),
@@ -275,7 +339,8 @@ def _watch(proc: subprocess.Popen, argv: List[str], kind: str, report: JobReport
     try:
         while proc.poll() is None:
             since = report.failing_since
-            if since is not None and not signals and prober.ident is None:
+            stopping = signals.received or signals.asked
+            if since is not None and not stopping and prober.ident is None:
                 prober.start()
             if since is not None and time.monotonic() - since > grace_s:
                 _last_word(f"dist-lm: {os.path.basename(argv[0])} did not end within "
@@ -298,13 +363,13 @@ def _watch(proc: subprocess.Popen, argv: List[str], kind: str, report: JobReport
     if killed:
         code = report.failed_code()
     if code == 0 and not killed:
-        return 0
-    verdict, sentence = report.cause(code, bool(signals), probe)
-    _last_word(f"dist-lm: {verdict}: job {'stopped' if verdict == 'stopped' else 'failed'}: "
-               f"{sentence}")
+        return Ending(0, "ok", "finished", report)
+    verdict, sentence = report.cause(code, bool(signals.received or signals.asked), probe)
     if verdict == "stopped":
-        return 143  # what the ranks said; horovodrun reports 1 whatever they did
-    return code if code > 0 else 128 - code if code < 0 else 1
+        code = 143  # what the ranks said; horovodrun reports 1 whatever they did
+    else:
+        code = code if code > 0 else 128 - code if code < 0 else 1
+    return Ending(code, verdict, sentence, report)
 
 
 def _last_word(line: str) -> None:
@@ -316,34 +381,28 @@ def _last_word(line: str) -> None:
         pass
 
 
-USAGE = """usage: dist-lm launch [--grace S] LAUNCHER [ARGS...]
-Runs LAUNCHER (mpirun, horovodrun, ...) and makes sure the job ends whole, with one line
-that names the lost rank or node (see dist_lm/runtime/launch.py)."""
-
-
 def main(argv: Optional[List[str]] = None) -> int:
+    from ..config import launch_config_from_args, launch_parser
+    from ..errors import UsageError
+
     argv = list(sys.argv[1:] if argv is None else argv)
-    grace = 20.0
-    while argv and argv[0].startswith("-"):
-        flag = argv.pop(0)
-        if flag == "--":
-            break
-        if flag == "--grace" and argv:
-            try:
-                grace = float(argv.pop(0))
-            except ValueError:
-                grace = -1
-            if grace <= 0:
-                print("dist-lm: error: --grace must be a positive number of seconds",
-                      file=sys.stderr)
-                return 2
-        elif flag in ("-h", "--help"):
-            print(USAGE)
-            return 0
-        else:
-            print(f"dist-lm: error: unknown option {flag}", file=sys.stderr)
-            return 2
-    if not argv:
-        print(USAGE, file=sys.stderr)
+    parser = launch_parser()
+
+    def one_line(message: str) -> None:  # one line, not usage + line
+        raise UsageError(message)
+
+    parser.error = one_line
+    try:
+        args = parser.parse_args(argv)
+        cfg = launch_config_from_args(args)
+        if not args.launcher or args.launcher[0] == "--" and len(args.launcher) == 1:
+            raise UsageError("no launcher given: dist-lm launch [OPTIONS] mpirun ...")
+    except UsageError as err:
+        print(f"dist-lm: error: {err}", file=sys.stderr)
         return 2
-    return supervise(argv, grace_s=grace)
+    launcher = args.launcher[1:] if args.launcher[0] == "--" else args.launcher
+    if cfg.elastic:
+        from .elastic import run_elastic
+
+        return run_elastic(launcher, cfg)
+    return supervise(launcher, grace_s=cfg.grace)

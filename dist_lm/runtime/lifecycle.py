@@ -6,7 +6,11 @@ dist_lm/runtime/launch.py) into a flag that the training loop shares every step,
 agree (an allreduce of the flag) to stop together after a checkpoint. A second SIGTERM or
 SIGINT, or a signal outside training, ends the process at once; SIGUSR1 again is the same
 request (a worker pod's preStop hook and mpirun both send one when a drained node held the
-worker and the launcher, k8s/base/mpijob.yaml).
+worker and the launcher, k8s/base/mpijob.yaml). The rank's exit record says whether this
+process received a stop signal itself before the ranks agreed to stop (`signalled`,
+selfreport): a preStop hook signals only the ranks of the pod that is going away, the
+others stop because they agreed to, and a signal after the agreement is the job ending
+(mpirun ends the other ranks once one has exited).
 
 `Watchdog` ends the process with a one-line message (exit code 4) when the loop makes no
 progress for `timeout` seconds: the guard against a peer that died or collectives that
@@ -46,12 +50,15 @@ def rank_and_host() -> str:
 class StopFlag:
     def __init__(self) -> None:
         self.signum = 0
+        self.signalled = False  # a stop signal reached this process before `agreed`
+        self.agreed = False     # the ranks agreed to stop (Agreement)
         self._armed = False
         self.wakeup = None  # read end of the pipe Python's C-level handler writes to
 
     def install(self) -> None:
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._handle)
+        selfreport.describe("stop", lambda: {"signalled": self.signalled})
         if self.wakeup is None:
             read, write = os.pipe()
             os.set_blocking(read, False)
@@ -68,7 +75,13 @@ class StopFlag:
         """While armed, a first signal only sets the flag (the loop will stop cleanly)."""
         self._armed = armed
 
+    def received(self) -> None:
+        """A stop signal reached this process (its handler, or the watchdog, saw it)."""
+        if not self.agreed:
+            self.signalled = True
+
     def _handle(self, signum, frame) -> None:
+        self.received()
         if signum == signal.SIGUSR1:  # a stop request, as SIGTERM (exit code 143)
             if self._armed and self.signum:
                 return  # asked again: the same request
@@ -146,6 +159,7 @@ class Watchdog:
         while not self._stop.is_set():
             if self._signalled(min(1.0, self.timeout / 4)) and signalled is None:
                 signalled = time.monotonic()
+                STOP.received()  # its handler may never run (blocked in C)
             if self._stop.is_set():
                 return
             # A wait read as over is always seen with the beat that ended it.
@@ -236,12 +250,14 @@ class Agreement:
         """After training step `step`: (stop, checkpoint), the same on every rank."""
         due = bool(self.period_s) and time.time() - self.saved_at > self.period_s
         stop, due, sent = self._exchange(STOP.signum > 0, due)
+        STOP.agreed = STOP.agreed or stop
         due = due and sent > self.saved_call
         return stop, stop or due or bool(self.every and step % self.every == 0)
 
     def poll_stop(self) -> None:
         """After an evaluation batch: raises StopAgreed when the ranks agreed to stop."""
         if self._exchange(STOP.signum > 0, False)[0]:
+            STOP.agreed = True
             raise StopAgreed()
 
     def saved(self) -> None:

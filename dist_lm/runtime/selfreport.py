@@ -7,9 +7,15 @@ has to read another program's words to learn where a rank ran or why it ended:
 
     dist-lm-record: {"event": "start", "rank": 2, "size": 3, "host": "node3", "pid": 4242}
     dist-lm-record: {"event": "exit", "rank": 2, "size": 3, "host": "node3", "pid": 4242,
+                     "signalled": false, "step": 130, "checkpoint": 100,
                      "code": 4, "kind": "error", "reason": "no training progress ..."}
 
-(one line each; `kind` is "ok", "error" or "stopped"). mpirun and horovodrun relay the
+(one line each; `kind` is "ok", "error" or "stopped"). Parts of the process add their
+fields to the exit record through `describe`: a rank that installed the stop flag says
+whether it received a stop signal itself (`signalled`) or stopped only because the other
+ranks agreed to (lifecycle.py); a training rank says where it got to, its optimizer steps
+done (`step`) and the step of the newest checkpoint it wrote or resumed from
+(`checkpoint`, null when none; training/train.py). mpirun and horovodrun relay the
 ranks' stderr to the supervisor (horovodrun puts `[R]<stderr>:` in front), which finds
 records anywhere in a line, and neither passes them on to the user. Each record is one
 `os.write`, so that mpirun cannot splice another rank's output into it (see
@@ -17,7 +23,14 @@ lifecycle.say).
 
 Ranks write records only when the supervisor asks for them, by setting REQUEST in the
 launcher's environment (and naming it with `-x` to mpirun): a user running mpirun
-without the supervisor sees only the usual lines. Imports nothing of dist_lm.
+without the supervisor sees only the usual lines.
+
+The supervisor tells the ranks the world they form in WORLD, a JSON object (`world`):
+
+    DIST_LM_WORLD='{"restart": 2, "reason": "node4 lost", "hosts": "node1:1,node2:1"}'
+
+(`restart` 0 for the first world), which training writes into the run's history
+(training/observe.py). Imports nothing of dist_lm.
 """
 
 from __future__ import annotations
@@ -28,10 +41,11 @@ import os
 import signal
 import socket
 import sys
-from typing import Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 PREFIX = "dist-lm-record: "
 REQUEST = "DIST_LM_SELF_REPORT"
+WORLD = "DIST_LM_WORLD"
 RANK_VARS = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK")
 SIZE_VARS = ("HOROVOD_SIZE", "OMPI_COMM_WORLD_SIZE")
 
@@ -57,13 +71,13 @@ def _requested() -> bool:
     return _asked[0]
 
 
-def _write(event: str, **fields) -> None:
+def _write(event: str, fields: dict) -> None:
     rank = _first(RANK_VARS)
     if not _requested() or rank is None:
         return
     record = {"event": event, "rank": rank, "size": _first(SIZE_VARS),
               "host": socket.gethostname(), "pid": os.getpid(), **fields}
-    line = PREFIX + json.dumps(record, separators=(", ", ": ")) + "\n"
+    line = PREFIX + json.dumps(record, separators=(", ", ": "), default=str) + "\n"
     try:
         sys.stderr.flush()  # after this rank's own lines, never in the middle of one
     except (OSError, ValueError):
@@ -74,9 +88,46 @@ def _write(event: str, **fields) -> None:
         pass
 
 
+_described: Dict[str, Callable[[], dict]] = {}   # part -> its exit record fields
+
+
+def describe(part: str, fields: Callable[[], dict]) -> None:
+    """fields() gives the exit record fields of `part` of the process, beside the record's
+    own (a later call for the same part replaces it). It is called when the record is
+    written, from whichever thread ends the process (the watchdog's too), so it only
+    reads what is there; an error in it leaves its fields out, never the record."""
+    _described[part] = fields
+
+
+def _described_fields() -> dict:
+    merged = {}
+    for fields in list(_described.values()):
+        try:
+            merged.update(fields())
+        except Exception:  # the record goes out without them
+            pass
+    return merged
+
+
+def world() -> dict:
+    """The world the supervisor started this rank in (WORLD), {} when none or unreadable."""
+    try:
+        value = json.loads(os.environ.get(WORLD, ""))
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def progress(**fields) -> None:
+    """A progress record (rank 0's: the step reached, the newest checkpoint's step), which
+    tells the supervisor how far the job got however its ranks end: a launcher that kills
+    them leaves no exit records."""
+    _write("progress", fields)
+
+
 def started() -> None:
     """The start record: this rank's rank, host and pid."""
-    _write("start")
+    _write("start", {})
 
 
 def ended(code: int, reason: str, kind: Optional[str] = None) -> None:
@@ -84,7 +135,8 @@ def ended(code: int, reason: str, kind: Optional[str] = None) -> None:
     kind: "stopped" for a stop with a checkpoint; by default "ok" for 0, else "error"."""
     kind = kind or ("ok" if code == 0 else "error")
     reason = next((x.strip() for x in str(reason).splitlines() if x.strip()), "")
-    _write("exit", code=int(code), kind=kind, reason=reason[:500])
+    _write("exit", {**_described_fields(), "code": int(code), "kind": kind,
+                    "reason": reason[:500]})
 
 
 class Outcome:

@@ -138,6 +138,9 @@ class Checkpointer:
                        "bptt": cfg.run.bptt, "ranks": world.size,
                        "batches_per_epoch": batches_per_epoch}
         self.epoch_done = epoch_done or (lambda p: p.batch >= batches_per_epoch)
+        # The step of the newest checkpoint this job wrote or resumed from (None: none
+        # yet), on every rank: for the rank's exit record (runtime/selfreport.py).
+        self.newest_step: Optional[int] = None
 
     def save(self, hidden: List[mx.nd.NDArray]) -> None:
         """Checkpoints the parts as they are now; `hidden` is this rank's recurrent state,
@@ -166,6 +169,7 @@ class Checkpointer:
         run_everywhere(self.world, lambda: self.run_dir.save_checkpoint(
             p.progress.step, p.model, arrays, full, meta, self.cfg.reliability.keep_checkpoints,
             p.progress.best_step), "ckpt.write")
+        self.newest_step = p.progress.step
 
     def resume(self, ctx: mx.Context) -> Optional[List[np.ndarray]]:
         """Finds the checkpoint to resume from (rank 0), refuses one that does not belong to
@@ -210,6 +214,7 @@ class Checkpointer:
         p.meter.load_state_dict(meta["meter"], saved_ranks)
         if p.terms is not None and "terms" in meta:
             p.terms.load_state_dict(meta["terms"], saved_ranks)
+        self.newest_step = p.progress.step
         inside_epoch = 0 < p.progress.batch and not self.epoch_done(p.progress)
         return hidden if inside_epoch else None
 

@@ -9,6 +9,12 @@ device, so logging costs no synchronisation beyond the one the loop does on log 
 
 TensorBoard: every scalar is logged against the global step, and again under `by_tokens/`
 against the number of training tokens seen, so runs with different rank counts line up.
+
+Besides the log steps and evaluations, the run's history holds the world each start of
+training ran in (a `world` record at the step it started from: `world/ranks`,
+`world/restarts` and, under an elastic supervisor, why the world was restarted and its
+hosts, from runtime/selfreport.py's WORLD) and what each checkpoint cost (a `checkpoint`
+record, `checkpoint/write_s`).
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ import sys
 import time
 from dataclasses import dataclass
 from typing import Dict, Optional, TextIO
+
+from ..runtime import selfreport
 
 
 @dataclass
@@ -44,6 +52,11 @@ class TrainStats:
     # cross-entropy (what perplexity means); the objective trained on is loss + ar + tar.
     ar: Optional[float] = None
     tar: Optional[float] = None
+
+
+# The rows that say how far the run got: a train row's step was reached, a checkpoint
+# row's (and a world row's, at a resume) is checkpointed.
+PROGRESS = {"train": "step", "checkpoint": "checkpoint", "world": "checkpoint"}
 
 
 def ppl(loss: float) -> float:
@@ -94,7 +107,10 @@ class Reporter:
             print(text, file=self.out, flush=True)
 
     def record(self, kind: str, step: int, tokens: int, values: Dict[str, float]) -> None:
-        """One metrics.jsonl object and the same values as TensorBoard scalars."""
+        """One metrics.jsonl object and the same values as TensorBoard scalars; for a
+        supervisor, a progress record of the step reached or checkpointed."""
+        if kind in PROGRESS and (step or kind != "world"):  # a fresh start resumed nothing
+            selfreport.progress(**{PROGRESS[kind]: step})
         if self.jsonl is not None:
             self.jsonl.write(json.dumps(dict(kind=kind, step=step, tokens=tokens,
                                              time=time.time(), **values)) + "\n")
@@ -135,6 +151,25 @@ class Reporter:
             "throughput/tokens_per_s_per_rank": s.tokens_per_s / s.ranks,
             "train/nonfinite_steps": s.nonfinite_steps,
             "system/ranks": s.ranks, "system/rss_mb_max": s.rss_mb})
+
+    def world(self, step: int, tokens: int, ranks: int, info: dict) -> None:
+        """The world this start of training runs in: `info` is what the supervisor said
+        of it (selfreport.world(): restart, reason, hosts; {} when it said nothing)."""
+        restart = info.get("restart", 0)
+        restart = restart if isinstance(restart, int) else 0
+        reason, hosts = info.get("reason"), info.get("hosts")
+        said = [f"restart {restart}" + (f": {reason}" if reason else "")] \
+            if "restart" in info else []
+        said += [f"hosts {hosts}"] if hosts else []
+        self.line(f"World: {ranks} rank{'s' if ranks != 1 else ''}"
+                  + (f" ({'; '.join(said)})" if said else ""))
+        self.record("world", step, tokens, {"world/ranks": ranks, "world/restarts": restart,
+                                            "reason": reason, "hosts": hosts})
+
+    def checkpoint(self, step: int, tokens: int, seconds: float) -> None:
+        """A checkpoint was written in `seconds` (wall, from the gather of the hidden
+        states to the agreement that it was written)."""
+        self.record("checkpoint", step, tokens, {"checkpoint/write_s": seconds})
 
     def epoch_start(self, epoch: int, batch: int = 0) -> None:
         if self.bar is not None:

@@ -27,7 +27,7 @@ import tempfile
 import time
 from typing import Callable
 
-from ..errors import UsageError
+from ..errors import RunDirBusy, UsageError
 
 
 def atomic_write(path: str, write: Callable[[str], None]) -> None:
@@ -63,7 +63,7 @@ class RunDirLock:
     """An exclusive lock on a run directory for the life of a job: flock(2) on RUN_DIR/.lock,
     which the kernel drops when the holder ends, however it ends (a killed job leaves the
     file behind, never the lock). The holder writes its host, pid and start time into the
-    file, so that a refused job can name it. Raises UsageError when another job holds it."""
+    file, so that a refused job can name it. Raises RunDirBusy when another job holds it."""
 
     NAME = ".lock"
 
@@ -77,7 +77,7 @@ class RunDirLock:
             if holder is None:
                 raise UsageError(f"cannot lock run directory {directory}: "
                                  f"{err.strerror}") from None
-            raise UsageError(f"run directory {directory} is in use by another job "
+            raise RunDirBusy(f"run directory {directory} is in use by another job "
                              f"({holder}); stop it or choose another --run-dir") from None
         since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
         me = {"host": socket.gethostname(), "pid": os.getpid(), "since": since}

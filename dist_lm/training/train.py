@@ -5,7 +5,8 @@ builds the run once: the config for this many ranks, this rank's columns of the 
 (b_r of the G global columns at any N <= G ranks, weighted so that N ranks take one
 process's steps, runtime/dist.py), the model and its trainer, the checkpoint parts
 (restored on --resume), and the objects that do rank-0 work (reporter, run directory;
-quiet versions on other ranks).
+quiet versions on other ranks). The run's history records the world it starts in, and
+the rank's exit record its step and newest checkpoint (runtime/selfreport.py).
 `fit` is the loop, top to bottom: epochs of BPTT steps, a log line every --log-interval
 steps, checkpoints when agreed, and at each epoch end validation, the plateau decision,
 the test pass at a new best and a checkpoint. Nothing in it asks which rank it is on.
@@ -43,6 +44,7 @@ from ..data.corpus import Corpus, eval_columns, load_corpus
 from ..data.text import column_range
 from ..errors import Preempted
 from ..model import build_model
+from ..runtime import selfreport
 from ..runtime.dist import World, run_everywhere
 from ..runtime.lifecycle import STOP, Agreement, StopAgreed, Watchdog
 from .checkpoint import Checkpointer, Parts, Progress, hidden_for_rank
@@ -152,6 +154,9 @@ def train_in(run_dir, cfg: Config, world: World, ctx: mx.Context) -> dict:
     run.reporter = make_reporter(world.is_root, cfg.run.run_dir, cfg.to_dict(),
                                  windows.num_batches, resume_step=parts.progress.step,
                                  resume_tokens=run.tokens())
+    run.reporter.world(progress.step, run.tokens(), world.size, selfreport.world())
+    selfreport.describe("training", lambda: {"step": progress.step,
+                                             "checkpoint": checkpointer.newest_step})
     STOP.arm()
     try:
         with Watchdog(cfg.reliability.watchdog_s) as run.watchdog:
@@ -288,10 +293,12 @@ def save_params(run: Run, name: str) -> None:
 
 
 def save(run: Run, states) -> None:
-    """A checkpoint of this point (every save of the run comes here)."""
+    """A checkpoint of this point (every save of the run comes here), and its cost."""
+    began = time.perf_counter()
     with writing(run, "the checkpoint write"):
         run.checkpointer.save(states)
     run.agreement.saved()
+    run.reporter.checkpoint(run.progress.step, run.tokens(), time.perf_counter() - began)
 
 
 def writing(run: Run, what: str):

@@ -15,7 +15,7 @@ CONTROLLER ?= mpi
 PYTEST_ARGS ?=
 export VENV VARIANT
 
-.PHONY: setup setup-tests data train test test-fast bench clean
+.PHONY: setup setup-tests data train test test-fast bench image clean
 
 setup:
 	@bash launch/setup-env.sh
@@ -55,6 +55,11 @@ test-fast: setup-tests
 
 bench: setup
 	@$(VENV)/bin/dist-lm bench $(ARGS)
+
+# The CPU image, dist-lm:cpu, built with podman (docs/cluster.md); podman comes with
+# `make setup-tests`.
+image:
+	@bash launch/build-image $(ARGS)
 
 clean:
 	rm -rf runs .pytest_cache

@@ -2,7 +2,8 @@
 # Builds the project's environment in $VENV (default .venv), idempotently:
 #   1. OpenMPI, a C++ toolchain and the ssh client (mpirun and horovodrun reach other
 #      hosts over ssh) from Debian packages, when missing; with FOR_TESTS=1 (`make test`)
-#      also openssh-server and iproute2, for launch/sim-cluster's simulated nodes;
+#      also openssh-server and iproute2, for launch/sim-cluster's simulated nodes, and
+#      podman, runc and mmdebstrap, for launch/build-image and tests/test_image.py;
 #   2. the pinned Python stack from launch/constraints.txt and dist-lm itself (editable);
 #   3. Horovod built from source with MXNet, Gloo and MPI (+ NCCL for VARIANT=gpu),
 #      checked with `horovodrun --check-build`.
@@ -43,11 +44,16 @@ packages=(libopenmpi-dev openmpi-bin cmake g++ make openssh-client)
 # network namespaces); note that on a host booted with systemd the package also enables
 # and starts the host's ssh service, which is why only the tests ask for it.
 [ "$FOR_TESTS" = 1 ] && packages+=(openssh-server iproute2)
+# podman to build and run the image (with runc: launch/containers.conf says why), and
+# mmdebstrap for launch/build-image's stand-in base where no registry is reachable.
+[ "$FOR_TESTS" = 1 ] && packages+=(podman runc mmdebstrap)
 have_system_tools() {
   command -v mpirun >/dev/null && command -v mpicc >/dev/null &&
     command -v cmake >/dev/null && command -v g++ >/dev/null && command -v ssh >/dev/null &&
     { [ "$FOR_TESTS" != 1 ] ||
-      { [ -x /usr/sbin/sshd ] && { command -v ip >/dev/null || [ -x /usr/sbin/ip ]; }; }; }
+      { [ -x /usr/sbin/sshd ] && { command -v ip >/dev/null || [ -x /usr/sbin/ip ]; } &&
+        command -v podman >/dev/null && [ -x /usr/sbin/runc ] &&
+        command -v mmdebstrap >/dev/null; }; }
 }
 
 if have_system_tools && [ -x "$VENV/bin/python" ] &&

@@ -148,6 +148,16 @@ def start(cmd, log):
                             stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
+def wait_until_asleep_in_c(proc, timeout=60):
+    """Until proc's main thread sleeps in C (a signal that comes while it still runs
+    Python is handled there at once: no stop grace is needed, nothing is tested)."""
+    wchan = Path(f"/proc/{proc.pid}/task/{proc.pid}/wchan")
+    deadline = time.monotonic() + timeout
+    while "sleep" not in wchan.read_text():
+        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+
+
 def wait_for(log, pattern, proc, timeout=240):
     """Until the log of a process from `start` matches pattern; fails (ending its whole
     session) if the process exits first or the pattern does not come within timeout."""

@@ -13,13 +13,12 @@ import shutil
 import signal
 import subprocess
 import textwrap
-import time
-from pathlib import Path
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import BIN, TINY, data_args, launcher, records, run, wait_for
+from conftest import (BIN, TINY, data_args, launcher, records, run, wait_for,
+                      wait_until_asleep_in_c)
 from dist_lm.runtime import selfreport
 from dist_lm.runtime.procs import kill_session
 from test_reliability import STOP_BOUND_S, finish, rank_pid
@@ -191,11 +190,7 @@ def test_a_rank_blocked_in_c_when_the_signal_comes_says_it_was_signalled():
                             stderr=subprocess.PIPE, text=True, env=full,
                             start_new_session=True)
     try:
-        wchan = Path(f"/proc/{proc.pid}/task/{proc.pid}/wchan")
-        deadline = time.monotonic() + 60
-        while "sleep" not in wchan.read_text():
-            assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
-            time.sleep(0.05)
+        wait_until_asleep_in_c(proc)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
     finally:

@@ -34,7 +34,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, REPO, SIM, TINY, VALID, data_args, max_param_diff, run, sim_cluster
+from conftest import (BIN, REPO, SIM, TINY, VALID, data_args, max_param_diff, run, sim_cluster,
+                      wait_until_asleep_in_c)
 from dist_lm.training.checkpoint import list_checkpoints, verify
 from dist_lm.runtime.launch import rank_hosts
 from dist_lm.runtime.procs import kill_session
@@ -513,13 +514,7 @@ def test_a_rank_blocked_in_c_when_a_stop_signal_comes_ends_itself():
     proc = subprocess.Popen([BIN / "python", "-c", code], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        # Signal only once the main thread sleeps in C: a signal that comes while it
-        # still runs Python is handled there (the flag is set; no stop grace needed).
-        wchan = Path(f"/proc/{proc.pid}/task/{proc.pid}/wchan")
-        deadline = time.monotonic() + 60
-        while "sleep" not in wchan.read_text():
-            assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
-            time.sleep(0.05)
+        wait_until_asleep_in_c(proc)
         proc.send_signal(signal.SIGTERM)
         sent = time.monotonic()
         _, err = proc.communicate(timeout=30)

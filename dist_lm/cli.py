@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="NAME (default: wikitext-2)")
     p.add_argument("--data-dir", metavar="D", help="fetch into this directory instead")
 
-    # Listed here for --help only: `main` hands `dist-lm launch ...` to launch.main first.
+    # Listed here for --help only: `main` hands `dist-lm launch ...` to cmd_launch first.
     p = sub.add_parser("launch", add_help=False,
                        help="run mpirun or horovodrun so that the job ends whole: a signal "
                             "stops every rank with a checkpoint, a failure ends in one line "
@@ -238,6 +238,36 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_launch(argv: List[str]) -> int:
+    """`dist-lm launch [OPTIONS] LAUNCHER ARGS...`: a fixed-size job under the supervisor
+    (runtime/launch.py), or with --host-discovery-script an elastic one
+    (runtime/elastic.py). Imports nothing of MXNet or Horovod."""
+    from .config import launch_config_from_args, launch_parser
+
+    parser = launch_parser()
+
+    def one_line(message: str) -> None:  # one line, not usage + line
+        raise UsageError(message)
+
+    parser.error = one_line
+    try:
+        args = parser.parse_args(argv)
+        cfg = launch_config_from_args(args)
+        launcher = args.launcher[1:] if args.launcher[:1] == ["--"] else args.launcher
+        if not launcher:
+            raise UsageError("no launcher given: dist-lm launch [OPTIONS] mpirun ...")
+    except UsageError as err:
+        print(f"dist-lm: error: {err}", file=sys.stderr)
+        return 2
+    if cfg.elastic:
+        from .runtime.elastic import run_elastic
+
+        return run_elastic(launcher, cfg)
+    from .runtime.launch import supervise
+
+    return supervise(launcher, grace_s=cfg.grace)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     from .runtime.launcher_env import configure_process
 
@@ -246,9 +276,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         # The supervisor of a launcher, not a rank: it must not set this process's
         # threads (the ranks inherit this environment) nor start MPI, and it handles
         # signals itself. Its own arguments are the launcher's.
-        from .runtime.launch import main as launch
-
-        return launch(argv[1:])
+        return cmd_launch(argv[1:])
     # SIGTERM/SIGINT: a clean stop within two steps while training, else an
     # exit that still unwinds the stack (so open files are flushed and closed).
     STOP.install()

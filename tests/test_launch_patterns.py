@@ -4,8 +4,8 @@ quoted at its definition, as the launcher prints it, and what the report takes f
 
 from dist_lm.runtime import jobreport
 from dist_lm.runtime.jobreport import (DAEMON_LOST, DAEMON_NO_ROUTE, DAEMON_NOT_STARTED,
-                                       HVD_EXIT, LAUNCHER_TAG, LAUNCHER_WORDS, PEER_HUNG_UP,
-                                       SIGNAL_DEATH, JobReport)
+                                       HVD_EXIT, LAUNCHER_TAG, LAUNCHER_WORDS, NOT_FOUND,
+                                       PEER_HUNG_UP, SIGNAL_DEATH, JobReport)
 
 HOSTS3 = ["node1", "node2", "node3"]
 
@@ -33,6 +33,7 @@ EXAMPLES = {
     DAEMON_LOST: "ORTE has lost communication with a remote daemon.",
     DAEMON_NO_ROUTE: "ORTE does not know how to route a message to the specified daemon",
     PEER_HUNG_UP: "An MPI communication peer process has unexpectedly disconnected.  This",
+    NOT_FOUND: "mpirun was unable to find the specified executable file, and therefore",
     LAUNCHER_TAG: "[2]<stderr>:",
 }
 
@@ -99,3 +100,21 @@ def test_no_other_launcher_text_is_read():
     assert kept == [x + "\n" for x in lines]
     assert report.failing_since is None and not report.signal_deaths
     assert report.cause(1, False) == ("error", "the launcher exited with code 1")
+
+
+def test_a_program_mpirun_cannot_find_is_named_with_its_node():
+    """mpirun's whole message (Open MPI 4.1.4, as printed here), then its exit code 134."""
+    report, _ = fed(
+        "-" * 74,
+        EXAMPLES[NOT_FOUND],
+        "did not launch the job.  This error was first reported for process",
+        "rank 0; it may have occurred for other processes as well.",
+        "",
+        "Node:       node3",
+        "Executable: dist-lm",
+        "-" * 74,
+        "2 total processes failed to start")
+    assert report.cause(134, False) == (
+        "error", "mpirun could not find dist-lm on node3 (not installed there, or not on "
+                 "the PATH the ranks get: mpirun -x PATH)")
+    assert report.lost_hosts() == ["node3"]  # an elastic job goes on without it

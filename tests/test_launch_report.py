@@ -526,3 +526,13 @@ def test_how_far_the_job_got_from_progress_and_exit_records():
     record = json.loads(exit_(1, 4, WATCHDOG)[len(selfreport.PREFIX):])
     later = selfreport.PREFIX + json.dumps({**record, "step": 33, "checkpoint": 30})
     assert fed([*started3(), *progress, later]).progress() == (33, 30)
+
+
+def test_a_program_mpirun_cannot_find_is_the_last_line_not_its_exit_code(tmp_path):
+    root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
+    proc = run([BIN / "dist-lm", "launch", "mpirun", *root, "-np", "2", "-H", "localhost:2",
+                "dist-lm-not-installed"], timeout=60, cwd=tmp_path)
+    assert proc.returncode == 134, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"dist-lm: error: job failed: mpirun could not find dist-lm-not-installed on "
+        f"{HOST} (not installed there, or not on the PATH the ranks get: mpirun -x PATH)")

@@ -39,7 +39,7 @@ from ..errors import UsageError
 from . import discovery, selfreport
 from .discovery import Cooldowns, DiscoveryFailed, Hosts
 from .jobreport import here, probe_hosts
-from .launch import (HOST_FLAGS, HOSTFILE_FLAGS, Ending, Signals, _last_word, launcher_kind,
+from .launch import (HOST_FLAGS, HOSTFILE_FLAGS, Ending, Signals, last_word, launcher_kind,
                      option, run_launcher, ssh_command)
 
 NP_FLAGS = ("-np", "-n", "--np", "-c")
@@ -47,7 +47,7 @@ WORLD = selfreport.WORLD   # what each world's ranks are told of it
 
 
 def say(line: str) -> None:
-    _last_word(f"dist-lm: elastic: {line}")
+    last_word(f"dist-lm: elastic: {line}")
 
 
 def check_command(argv: List[str], cfg: LaunchConfig) -> Tuple[List[str], int]:
@@ -198,18 +198,18 @@ class Elastic:
             if ending.code == 0:
                 return 0
             if self.signals.received:
-                _last_word(ending.line())
+                last_word(ending.line())
                 return ending.code
             reason, failed, blamed = self.why_it_ended(ending, grown)
             if reason is None:
-                _last_word(ending.line())
+                last_word(ending.line())
                 return ending.code
             if failed:
                 self.failures += 1
                 if self.failures > self.cfg.reset_limit:
-                    _last_word(f"dist-lm: error: job failed: {self.failures - 1} restarts "
-                               f"after failures (--reset-limit {self.cfg.reset_limit}), "
-                               f"and again: {ending.sentence}")
+                    last_word(f"dist-lm: error: job failed: {self.failures - 1} restarts "
+                              f"after failures (--reset-limit {self.cfg.reset_limit}), "
+                              f"and again: {ending.sentence}")
                     return ending.code
             if not self.back_off(failed and not blamed, ending):
                 return self.no_hosts(ending)
@@ -282,14 +282,14 @@ class Elastic:
 
     def no_hosts(self, ending: Optional[Ending]) -> int:
         if self.signals.received:
-            _last_word("dist-lm: stopped: job stopped while it waited to start again")
+            last_word("dist-lm: stopped: job stopped while it waited to start again")
             return 143
         usable = self.available()
         why = f"; the discovery script: {self.discovery_error}" if self.discovery_error else ""
         after = f" after {ending.sentence}" if ending else ""
-        _last_word(f"dist-lm: error: job failed{after}: fewer than --min-np {self.min_np} "
-                   f"slots usable for {self.cfg.elastic_timeout:g}s (--elastic-timeout): "
-                   f"{discovery.render(usable) or 'none'}{why}")
+        last_word(f"dist-lm: error: job failed{after}: fewer than --min-np {self.min_np} "
+                  f"slots usable for {self.cfg.elastic_timeout:g}s (--elastic-timeout): "
+                  f"{discovery.render(usable) or 'none'}{why}")
         return ending.code if ending else 1
 
 

@@ -17,7 +17,11 @@ reason), then from what it finds out itself, and only last from the launcher's w
    nobody here asked for;
 4. last, the launcher's words (LAUNCHER_WORDS below), each kept with the line it reads:
    the signal that killed a rank (only mpirun knows it), which rank horovodrun saw fail
-   first, and the lines that say the job is failing before the launcher ends.
+   first, the program mpirun could not find on a node, and the lines that say the job
+   is failing before the launcher ends.
+For an elastic job (elastic.py) it also says which hosts were lost, which were leaving
+(a stop signal reached their ranks), whether another start could help, and how far the
+job got.
 """
 
 from __future__ import annotations
@@ -68,6 +72,12 @@ DAEMON_NO_ROUTE = re.compile(r"ORTE does not know how to route a message")
 # up]), printed while the launcher has not yet ended the other ranks:
 #   An MPI communication peer process has unexpectedly disconnected.  This
 PEER_HUNG_UP = re.compile(r"An MPI communication peer process has unexpectedly disconnected")
+# mpirun could not find the ranks' program on a node (Open MPI 4.1, help-orterun.txt
+# [orterun:executable-not-found]), then names the node and the program on lines of their
+# own, `Node:       node3` and `Executable: dist-lm`, and exits 134:
+#   mpirun was unable to find the specified executable file, and therefore
+NOT_FOUND = re.compile(r"mpirun was unable to find the specified executable file")
+NOT_FOUND_DETAIL = re.compile(r"^\s*(Node|Executable):\s+(\S+)\s*$")
 # The tag horovodrun (0.28.1, `[R]<stderr>:`) and mpirun --tag-output (Open MPI 4.1,
 # `[1,R]<stderr>:`) put in front of a rank's line; alone, it is what is left of a line
 # that held a record:
@@ -75,7 +85,7 @@ PEER_HUNG_UP = re.compile(r"An MPI communication peer process has unexpectedly d
 LAUNCHER_TAG = re.compile(r"\s*\[\d+(?:,\d+)?\]<std(?:out|err)>:\s*")
 
 LAUNCHER_WORDS = (SIGNAL_DEATH, HVD_EXIT, DAEMON_NOT_STARTED, DAEMON_LOST, DAEMON_NO_ROUTE,
-                  PEER_HUNG_UP, LAUNCHER_TAG)
+                  PEER_HUNG_UP, NOT_FOUND, LAUNCHER_TAG)
 DAEMON_TROUBLE = (DAEMON_NOT_STARTED, DAEMON_LOST, DAEMON_NO_ROUTE)
 
 
@@ -181,6 +191,7 @@ class JobReport:
         self.unreachable: Dict[str, str] = {}                   # host -> ssh's reason
         self.probed = threading.Event()
         self.reached: Dict[str, int] = {}   # step, checkpoint: from progress records
+        self.not_found: Optional[Dict[str, str]] = None   # mpirun's Node, Executable
 
     # --- reading ---
 
@@ -230,6 +241,12 @@ class JobReport:
             self._failing()
         if PEER_HUNG_UP.search(line):
             self._failing()
+        if NOT_FOUND.search(line):
+            self.not_found = {}
+            self._failing()
+        m = NOT_FOUND_DETAIL.match(line)
+        if m and self.not_found is not None:
+            self.not_found.setdefault(m.group(1), m.group(2))
 
     def _failing(self) -> None:
         if self.failing_since is None:
@@ -361,6 +378,12 @@ class JobReport:
         return ("error", errors[0].said()) if errors else None
 
     def _launcher_said(self, code: int) -> Verdict:
+        if self.not_found is not None:
+            what = self.not_found.get("Executable", "the ranks' program")
+            where = self.not_found.get("Node")
+            return "error", f"mpirun could not find {what}" + \
+                (f" on {where}" if where else "") + \
+                " (not installed there, or not on the PATH the ranks get: mpirun -x PATH)"
         if self.signal_deaths:
             rank, node, sig = self.signal_deaths[0]
             return "error", f"rank {rank} on {node} was killed by signal {sig} " \
@@ -381,8 +404,9 @@ class JobReport:
     def lost_hosts(self) -> List[str]:
         """The hosts the job lost: every host of a silent rank that no longer answers,
         else the host of the rank that was killed first (the launcher's order, as the
-        verdict names it). Ranks the launcher ended after a failure are silent and gone
-        too, but their hosts are not to blame."""
+        verdict names it), else a node where mpirun could not find the ranks' program.
+        Ranks the launcher ended after a failure are silent and gone too, but their hosts
+        are not to blame."""
         silent = self.silent()
         unreachable = [r.name for r in silent if r.seen == "unreachable"]
         if unreachable:
@@ -391,6 +415,8 @@ class JobReport:
         if gone:
             return [self._first_killed(gone).name]
         with self.lock:
+            if self.not_found and "Node" in self.not_found:  # the program is missing there
+                return [self.not_found["Node"]]
             return [node for _, node, _ in self.signal_deaths[:1]]
 
     def leaving_hosts(self) -> List[str]:

@@ -296,7 +296,7 @@ def supervise(argv: List[str], grace_s: float = 20.0, probe_timeout_s: float = 5
     with Signals() as signals:
         ending = run_launcher(argv, signals, grace_s, probe_timeout_s)
         if ending.verdict != "ok":
-            _last_word(ending.line())
+            last_word(ending.line())
         return ending.code
 
 
@@ -343,8 +343,8 @@ def _watch(proc: subprocess.Popen, argv: List[str], kind: str, report: JobReport
             if since is not None and not stopping and prober.ident is None:
                 prober.start()
             if since is not None and time.monotonic() - since > grace_s:
-                _last_word(f"dist-lm: {os.path.basename(argv[0])} did not end within "
-                           f"{grace_s:g}s of the failure; ending it")
+                last_word(f"dist-lm: {os.path.basename(argv[0])} did not end within "
+                          f"{grace_s:g}s of the failure; ending it")
                 kill_session(proc.pid)
                 killed = True
                 break
@@ -372,37 +372,10 @@ def _watch(proc: subprocess.Popen, argv: List[str], kind: str, report: JobReport
     return Ending(code, verdict, sentence, report)
 
 
-def _last_word(line: str) -> None:
+def last_word(line: str) -> None:
     """A line of the supervisor's own on stderr, which may be gone (`... 2>&1 | tee log`
     and Ctrl-C ends tee too): the exit code still says how the job ended."""
     try:
         print(line, file=sys.stderr, flush=True)
     except (OSError, ValueError):
         pass
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    from ..config import launch_config_from_args, launch_parser
-    from ..errors import UsageError
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = launch_parser()
-
-    def one_line(message: str) -> None:  # one line, not usage + line
-        raise UsageError(message)
-
-    parser.error = one_line
-    try:
-        args = parser.parse_args(argv)
-        cfg = launch_config_from_args(args)
-        if not args.launcher or args.launcher[0] == "--" and len(args.launcher) == 1:
-            raise UsageError("no launcher given: dist-lm launch [OPTIONS] mpirun ...")
-    except UsageError as err:
-        print(f"dist-lm: error: {err}", file=sys.stderr)
-        return 2
-    launcher = args.launcher[1:] if args.launcher[0] == "--" else args.launcher
-    if cfg.elastic:
-        from .elastic import run_elastic
-
-        return run_elastic(launcher, cfg)
-    return supervise(launcher, grace_s=cfg.grace)

@@ -237,6 +237,72 @@ def test_the_watchdog_ends_a_process_that_makes_no_progress():
                      proc.stderr), proc.stderr
 
 
+# A rank under a watchdog, started by a parent (its launcher's stand-in) that reports the
+# rank's pid and then waits; the rank's stderr goes to a file, as to an sshd session.
+ORPHAN_PARENT = """
+import subprocess, sys, time
+rank = subprocess.Popen([sys.executable, "-c", sys.argv[1]], stderr=open(sys.argv[2], "w"))
+print(rank.pid, flush=True)
+time.sleep(120)
+"""
+ORPHAN_RANK = """
+import sys, time
+from dist_lm.runtime import launcher_env
+from dist_lm.runtime.lifecycle import STOP, Watchdog
+launcher_env.note_launcher_parent()
+STOP.install(); STOP.arm()
+with Watchdog(600, stop_grace_s=2, orphaned=launcher_env.launcher_gone):
+    while not STOP.signum:  # the training loop: it stops at its next step
+        time.sleep(0.05)
+    print("asked to stop", file=sys.stderr, flush=True)
+    time.sleep(60)  # a stop that never ends (a peer is gone from its collective)
+"""
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie, ended and not yet reaped by init, is not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+@pytest.mark.parametrize("launched", [True, False])
+def test_a_rank_whose_launcher_is_gone_stops_and_ends_within_its_grace(launched, tmp_path):
+    """As a rank that horovodrun started over ssh once the ssh client is killed: its sshd
+    session ends and the rank, handed to init, would otherwise run on until its watchdog
+    (600 s here). It is asked to stop as by SIGTERM (the stop checkpoint the other ranks
+    may still take part in) and ended after the stop grace (2 s here) when that stop does
+    not end. A single process outlives its parent (as under nohup) untouched."""
+    env = dict(os.environ, **({"HOROVOD_RANK": "1"} if launched else {}))
+    for var in () if launched else ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK",
+                                    "PMIX_RANK"):
+        env.pop(var, None)
+    err = tmp_path / "rank.err"
+    parent = subprocess.Popen([BIN / "python", "-c", ORPHAN_PARENT, ORPHAN_RANK, err],
+                              stdout=subprocess.PIPE, text=True, env=env,
+                              start_new_session=True)
+    try:
+        rank = int(parent.stdout.readline())
+        time.sleep(2)  # the rank is watching (a second between its checks)
+        parent.kill()
+        parent.wait()
+        gone = time.monotonic()
+        while alive(rank) and time.monotonic() - gone < 10:
+            time.sleep(0.1)
+        took = time.monotonic() - gone if not alive(rank) else None
+    finally:
+        kill_session(parent.pid)
+    said = err.read_text()
+    if launched:
+        assert took is not None and 2 < took < 5, (took, said)
+        assert re.search(r"asked to stop\ndist-lm: error: .*the launcher that started this "
+                         r"rank is gone \(its parent process ended [23]s ago\) and the rank "
+                         r"has not stopped; exiting\n", said), said
+    else:
+        assert took is None and "asked to stop" not in said, said
+
+
 # --- a stop during evaluation ------------------------------------------------------------------
 
 EVAL_STOP_BOUND_S = 10  # two evaluation batches, a checkpoint and the exit, with room

@@ -14,8 +14,8 @@ launcher, launch/train-workstation.sh):
 - once the job is seen failing (a rank's exit record with an error, or the launcher's
   words for it) it has `grace_s` seconds to end; mpirun waits for a daemon on a
   partitioned node for many minutes, so after that its session is killed (every process
-  it started on this node; the ranks elsewhere end when their daemon or ssh session
-  does, or by their own watchdog);
+  it started on this node; a rank elsewhere stops when its daemon or ssh session is
+  gone, and ends 30 s later if it could not, lifecycle.Watchdog);
 - a first SIGTERM/SIGINT/SIGHUP asks the ranks to stop with a checkpoint. Under mpirun it
   becomes SIGUSR1, which mpirun forwards to every rank at once (dist-lm treats it as
   SIGTERM), whereas its own SIGTERM handling sends the ranks SIGCONT, waits

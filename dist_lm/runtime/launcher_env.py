@@ -36,6 +36,26 @@ def launched_by_horovod_or_mpi() -> bool:
     return any(v in os.environ for v in LAUNCHER_VARS)
 
 
+# The process that started this rank (mpirun's daemon, the sshd session horovodrun's ssh
+# opened, a launcher's shell), noted by configure_process when a launcher started it.
+_LAUNCHER_PARENT = None
+
+
+def note_launcher_parent() -> None:
+    global _LAUNCHER_PARENT
+    if launched_by_horovod_or_mpi():
+        _LAUNCHER_PARENT = os.getppid()
+
+
+def launcher_gone() -> bool:
+    """The process that started this rank has ended (this one was handed to init or a
+    subreaper). A rank horovodrun started over ssh outlives its launcher: when the ssh
+    client is killed its sshd session ends, and the rank, no child of it any more, runs on
+    with nobody to read its output or end it. A single process (a shell's child, which
+    `nohup` may rightly outlive) is never read as orphaned."""
+    return _LAUNCHER_PARENT is not None and os.getppid() != _LAUNCHER_PARENT
+
+
 def local_size_from_env() -> int:
     for var in ("HOROVOD_LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS"):
         if var in os.environ:
@@ -132,9 +152,10 @@ def adopt_root_numerics() -> list:
 
 
 def configure_process() -> int:
-    """Everything this process sets before MXNet and MPI load: how MPI waits, the
-    allocator, rank 0's numerics variables (under mpirun), and OpenMP threads. Returns
-    the number of OpenMP threads."""
+    """Everything this process sets before MXNet and MPI load: the launcher's process it
+    answers to, how MPI waits, the allocator, rank 0's numerics variables (under mpirun),
+    and OpenMP threads. Returns the number of OpenMP threads."""
+    note_launcher_parent()
     configure_mpi_waiting()  # read by MPI_Init, which adopt_root_numerics runs
     configure_allocator()
     adopt_root_numerics()

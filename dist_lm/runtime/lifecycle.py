@@ -22,7 +22,13 @@ Python's C-level handler writes to, and exits the process `stop_grace_s` later i
 handler still has not run. A wait that is known to be long, a checkpoint write (rank 0
 writes and hashes while the other ranks wait in a collective), is declared with
 `Watchdog.waiting`: it has its own limit, and a stop signal meanwhile is left for the
-loop to act on once the wait is over.
+loop to act on once the wait is over. Last, a rank whose launcher is gone (`orphaned`,
+launcher_env.launcher_gone) is asked to stop as by SIGTERM, within a second, and ended
+`stop_grace_s` later if it has not: no signal reaches such a rank (horovodrun kills the
+ssh client of a rank on another node, whose sshd session then ends and leaves the rank
+running), and under Gloo a peer can stay blocked in a collective long after the job
+ended. The grace keeps the stop checkpoint: horovodrun kills the ssh clients the moment it
+signals rank 0, and the remote ranks must still agree to the stop and wait for its write.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import socket
 import sys
 import threading
 import time
+from typing import Callable
 
 from . import selfreport
 
@@ -75,6 +82,12 @@ class StopFlag:
         """While armed, a first signal only sets the flag (the loop will stop cleanly)."""
         self._armed = armed
 
+    def request(self) -> None:
+        """A stop this process asks for itself (its launcher is gone): the loop stops at the
+        agreed step as for SIGTERM; not a signal (`signalled` stays as it was)."""
+        if self._armed and not self.signum:
+            self.signum = signal.SIGTERM
+
     def received(self) -> None:
         """A stop signal reached this process (its handler, or the watchdog, saw it)."""
         if not self.agreed:
@@ -100,10 +113,12 @@ STOP = StopFlag()
 
 
 class Watchdog:
-    def __init__(self, timeout_s: float, what: str = "training", stop_grace_s: float = 30.0):
+    def __init__(self, timeout_s: float, what: str = "training", stop_grace_s: float = 30.0,
+                 orphaned: Callable[[], bool] = lambda: False):
         self.timeout = timeout_s
         self.what = what
         self.stop_grace = stop_grace_s
+        self.orphaned = orphaned
         self._last = time.monotonic()
         self._waiting = None  # (what, limit_s, flag) inside `waiting`
         self._stop = threading.Event()
@@ -155,13 +170,20 @@ class Watchdog:
             return False
 
     def _watch(self) -> None:
-        signalled = None
+        signalled = orphaned = None
         while not self._stop.is_set():
             if self._signalled(min(1.0, self.timeout / 4)) and signalled is None:
                 signalled = time.monotonic()
                 STOP.received()  # its handler may never run (blocked in C)
             if self._stop.is_set():
                 return
+            if orphaned is None and self.orphaned():
+                orphaned = time.monotonic()
+                STOP.request()
+            if orphaned is not None and time.monotonic() - orphaned > self.stop_grace:
+                exit_now(f"the launcher that started this rank is gone (its parent process "
+                         f"ended {time.monotonic() - orphaned:.0f}s ago) and the rank has not "
+                         f"stopped; exiting")
             # A wait read as over is always seen with the beat that ended it.
             now, waiting = time.monotonic(), self._waiting
             idle = now - self._last

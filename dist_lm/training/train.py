@@ -46,6 +46,7 @@ from ..errors import Preempted
 from ..model import build_model
 from ..runtime import selfreport
 from ..runtime.dist import World, run_everywhere
+from ..runtime.launcher_env import launcher_gone
 from ..runtime.lifecycle import STOP, Agreement, StopAgreed, Watchdog
 from .checkpoint import Checkpointer, Parts, Progress, hidden_for_rank
 from .evaluate import Evaluator
@@ -159,7 +160,7 @@ def train_in(run_dir, cfg: Config, world: World, ctx: mx.Context) -> dict:
                                              "checkpoint": checkpointer.newest_step})
     STOP.arm()
     try:
-        with Watchdog(cfg.reliability.watchdog_s) as run.watchdog:
+        with Watchdog(cfg.reliability.watchdog_s, orphaned=launcher_gone) as run.watchdog:
             return fit(run, hidden_for_rank(hidden, world, ctx) if hidden else None)
     finally:
         STOP.arm(False)

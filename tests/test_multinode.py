@@ -13,7 +13,8 @@ MPIJob's own launcher command (rendered from k8s/base, as tests/test_mpijob_loca
   and `--resume auto` on the healed cluster ending where an uninterrupted run ends: a
   node partitioned mid-training (then healed), a remote rank killed with SIGKILL, a
   node whose sshd is down at launch; and a node that is away for a few seconds only,
-  which the job rides out.
+  which the job rides out. And a remote rank whose ssh session is cut (as horovodrun ends
+  it), which stops and ends by itself.
 - Environment: every rank takes rank 0's settings that change numerics.
 
 The tests skip, with one line, only where this machine cannot create network namespaces
@@ -27,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import time
@@ -324,6 +326,34 @@ def test_a_remote_rank_killed_ends_the_gloo_job_and_resume_is_exact(
     assert step >= 20
     resume_on_the_healed_cluster(cluster, "gloo", heldout, run_dir, tmp_path,
                                  uninterrupted)
+
+
+@pytest.mark.dist
+def test_a_rank_whose_ssh_session_is_cut_stops_and_ends(cluster, tmp_path):
+    """The process tree horovodrun makes for a rank on another node: `ssh node2 CMD` runs
+    the rank as the child of its sshd session. Killing the ssh client, as horovodrun ends
+    a remote rank, ends that session and not the rank, which no signal reaches: it must
+    stop, and end by itself after its stop grace (2 s here)."""
+    from test_reliability import ORPHAN_RANK, ORPHAN_SAYS, seconds_to_end, watching
+
+    err = tmp_path / "rank.err"
+    remote = (f"cd {REPO} && HOROVOD_RANK=1 exec {BIN / 'python'} "
+              f"-c {shlex.quote(ORPHAN_RANK)} 2> {err}")
+    job = Job(cluster, ["ssh", "node2", remote], {}, tmp_path)
+    watching(err)
+    procs = job_processes(cluster)
+    (rank,) = [p for ns, p, c in procs if ns.endswith("-node2") and "note_launcher" in c]
+    (client,) = [p for ns, p, c in procs if ns.endswith("-node1") and c.startswith("ssh ")]
+    parent = Path(f"/proc/{rank}/stat").read_text().rsplit(")", 1)[1].split()[1]
+    assert Path(f"/proc/{parent}/cmdline").read_bytes().startswith(b"sshd: "), parent
+    os.kill(client, signal.SIGKILL)
+    took = seconds_to_end(rank)
+    job.wait(10)
+    said = err.read_text()
+    assert took is not None and 2 < took < 8, (took, said)
+    assert re.search(ORPHAN_SAYS, said), said
+    print(f"\nssh client of a rank on node2 killed: the rank stopped and ended {took:.1f}s "
+          f"later (stop grace 2 s)")
 
 
 @pytest.mark.dist

@@ -16,7 +16,7 @@ import mxnet as mx
 import numpy as np
 import pytest
 
-from conftest import (BIN, VALID, data_args, dist_lm, launcher, max_param_diff, parse_config,
+from conftest import (BIN, data_args, dist_lm, launcher, max_param_diff, parse_config,
                       records, run, start, wait_for)
 from dist_lm.data.bptt import FixedWindows, VariableWindows, draw_seq_len
 from dist_lm.training.checkpoint import BASE_FORMAT, FORMAT_VERSION, Progress, format_of
@@ -474,40 +474,53 @@ def test_until_it_switches_ntasgd_is_the_recipes_run_bit_for_bit(heldout, tmp_pa
     assert numbers(plain, "valid") == numbers(nt, "valid") and len(numbers(nt, "valid")) == 3
 
 
-# --- 2 ranks x b == 1 process x 2b ---------------------------------------------------------------
+# --- N ranks == 1 process with the global batch ----------------------------------------------
 
-# AR/TAR and variable-length BPTT on, dropouts off (each rank would draw its own masks),
-# the distributed suite's small lr and active clipping.
-DIST = ["--recipe", "awd", "--dropout", "0", "--lr", "1", "--clip", "0.1", "--max-steps",
-        "20", "--log-interval", "10", "--epochs", "1", "--bptt", "35"]
+# Every regularizer of the recipe on: drop_e, drop_i, drop_h, weight drop, output dropout,
+# AR/TAR, variable-length BPTT, and NT-ASGD, which switches at the end of epoch 2 (the
+# validation text only gets worse, rare_word_text); the distributed suite's small lr and
+# active clipping. Activation masks belong to columns and weight masks to steps, so every
+# rank count draws one process's masks.
+DIST = ["--recipe", "awd", "--global-batch-size", "20", "--bptt", "35", "--lr", "1",
+        "--clip", "0.1", "--dropout", "0.2", "--drop-h", "0.1", "--drop-i", "0.1",
+        "--drop-e", "0.05", "--weight-drop", "0.2", "--alpha", "2", "--beta", "1",
+        "--epochs", "4", "--ntasgd", "--ntasgd-nonmono", "1", "--log-interval", "10"]
 
 
-def awd_cmd(heldout, *extra):
-    return [BIN / "dist-lm", "train", *data_args(VALID, heldout, heldout), *TINY_AWD, *DIST,
+def awd_cmd(heldout, valid, *extra):
+    return [BIN / "dist-lm", "train", *data_args(heldout, valid, heldout), *TINY_AWD, *DIST,
             *extra]
 
 
 @pytest.fixture(scope="module")
 def awd_one_process(tmp_path_factory, heldout):
     out = tmp_path_factory.mktemp("awd-one")
-    proc = run(awd_cmd(heldout, "--global-batch-size", "20", "--run-dir", out), timeout=300)
+    valid = rare_word_text(heldout, out)
+    proc = run(awd_cmd(heldout, valid, "--run-dir", out / "run"), timeout=300)
     assert proc.returncode == 0, proc.stderr
+    assert len(records(out / "run", "ntasgd")) == 1  # the switch happened
     return out
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("controller", ["gloo", "mpi"])
-def test_two_ranks_with_ar_tar_and_variable_bptt_take_one_process_steps(
-        controller, awd_one_process, heldout, tmp_path):
-    proc = run(launcher(controller, 2, *awd_cmd(heldout, "--batch-size", "10",
-                                                "--check-sync-interval", "1",
-                                                "--run-dir", tmp_path)), timeout=300)
+@pytest.mark.medium
+@pytest.mark.parametrize("controller,ranks", [("gloo", 2), ("mpi", 3)])
+def test_n_ranks_with_every_regularizer_and_ntasgd_take_one_process_steps(
+        controller, ranks, awd_one_process, heldout, tmp_path):
+    one = awd_one_process / "run"
+    proc = run(launcher(controller, ranks, *awd_cmd(
+        heldout, awd_one_process / "rare.txt", "--check-sync-interval", "25",
+        "--run-dir", tmp_path)), timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert max_param_diff(awd_one_process / "final.params", tmp_path / "final.params") < 2e-6
-    # The same objective was logged, and the recipe's global evaluation layouts were kept.
-    one, two = records(awd_one_process, "train"), records(tmp_path, "train")
-    assert [r["train/ar"] for r in two] == pytest.approx([r["train/ar"] for r in one],
-                                                         rel=1e-4)
-    assert [r["tokens"] for r in two] == [r["tokens"] for r in one]
+    for name in ("final.params", "best.params"):
+        assert max_param_diff(one / name, tmp_path / name) < 1e-5, name
+    # The same objective was logged, NT-ASGD switched at the same step, and the recipe's
+    # global evaluation layouts were kept.
+    a, b = records(one, "train"), records(tmp_path, "train")
+    assert [r["tokens"] for r in b] == [r["tokens"] for r in a] and len(a) > 10
+    for key in ("train/loss", "train/ar", "train/tar"):
+        assert [r[key] for r in b] == pytest.approx([r[key] for r in a], rel=1e-4), key
+    assert [r["step"] for r in records(tmp_path, "ntasgd")] == \
+        [r["step"] for r in records(one, "ntasgd")]
     assert json.loads((tmp_path / "run.json").read_text())["eval_columns"] == \
         {"valid": 10, "test": 1}

@@ -12,10 +12,12 @@ from conftest import BIN, REPO, TINY, VALID, data_args, dist_lm, launcher, max_p
 
 pytestmark = pytest.mark.dist
 CONTROLLERS = ["gloo", "mpi"]
-# Dropout 0 and a small lr: float32 reduction-order noise stays ~1e-7 (at lr 20 it is
-# amplified to ~1e-2 by step 20). clip 0.1 is below the gradient norm of every early step.
-RECIPE = ["--dropout", "0", "--lr", "1", "--clip", "0.1", "--max-steps", "20",
-          "--log-interval", "10", "--epochs", "1"]
+# Two layers with dropout 0.3 on the embedding, between the layers and on the output: the
+# masks belong to columns (dist_lm/training/masks.py), so 2 ranks draw what one process
+# draws. A small lr keeps float32 reduction-order noise ~1e-7 (at lr 20 it is amplified
+# to ~1e-2 by step 20). clip 0.1 is below the gradient norm of every early step.
+RECIPE = ["--num-layers", "2", "--dropout", "0.3", "--lr", "1", "--clip", "0.1",
+          "--max-steps", "20", "--log-interval", "10", "--epochs", "1"]
 
 
 def train_cmd(heldout, *extra):

@@ -24,8 +24,9 @@ from dist_lm.config import LaunchConfig
 from dist_lm.errors import UsageError
 from dist_lm.runtime.procs import kill_session
 
-# Where float noise is not amplified (tests/test_distributed.py): dropout 0, lr 1.
-RECIPE = ["--dropout", "0", "--lr", "1", "--clip", "0.1", "--epochs", "1",
+# Two layers with dropout on (masks belong to columns, so every world draws one
+# process's masks) and lr 1, where float noise is not amplified (tests/test_distributed.py).
+RECIPE = ["--num-layers", "2", "--dropout", "0.3", "--lr", "1", "--clip", "0.1", "--epochs", "1",
           "--global-batch-size", "4", "--log-interval", "4", "--keep-checkpoints", "20"]
 MPIRUN = ["mpirun", *(["--allow-run-as-root"] if os.geteuid() == 0 else []),
           "-bind-to", "none", "-x", "PATH", "-x", "OMP_NUM_THREADS", "-x", "PYTHONPATH"]

@@ -32,7 +32,10 @@ from test_multinode import Job, job_processes, newest_checkpoint, wait_until_not
 from test_mpijob_local import elastic_launcher_argv, local_elastic_command, operator_env
 
 STEPS = 200
-RECIPE = ["--dropout", "0", "--lr", "1", "--clip", "0.1", "--max-steps", str(STEPS),
+# The recipe's dropout on, two layers: masks belong to columns, so every world of the
+# elastic job draws one process's masks and the run ends where one process ends.
+RECIPE = ["--num-layers", "2", "--dropout", "0.2", "--lr", "1", "--clip", "0.1",
+          "--max-steps", str(STEPS),
           "--log-interval", "5", "--epochs", "1", "--global-batch-size", "12",
           "--checkpoint-steps", "10", "--keep-checkpoints", "30"]
 # Short cooldowns and change windows, so that a node's return shows within the run.

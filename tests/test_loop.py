@@ -262,8 +262,8 @@ def test_the_host_waits_for_the_device_within_two_steps(monkeypatch):
 
     real = LSTMLM.features
 
-    def slow_features(self, F, inputs, states):
-        x, states = real(self, F, inputs, states)
+    def slow_features(self, F, inputs, states, masks=None):
+        x, states = real(self, F, inputs, states, masks)
         return F.Custom(x, op_type="dist_lm_test_slow"), states
 
     monkeypatch.setattr(LSTMLM, "features", slow_features)

@@ -102,7 +102,7 @@ def test_a_sampled_step_needs_its_step_number():
     model.initialize(mx.init.Xavier())
     stepper = Stepper(model, cfg, LocalWorld(), mx.cpu())
     inputs, targets, _, _ = batch()
-    with pytest.raises(ValueError, match="needs the step number"):
+    with pytest.raises(ValueError, match="need the step number"):
         stepper.step(inputs, targets, model.begin_state(3, mx.cpu()))
     loss, *_ = stepper.step(inputs, targets, model.begin_state(3, mx.cpu()), None, 0)
     assert np.isfinite(loss.asscalar())

@@ -20,10 +20,13 @@ from dist_lm.errors import UsageError
 from dist_lm.runtime.dist import LocalWorld
 
 G = 20
-# As tests/test_distributed.py: dropout 0 and lr 1 keep float32 reduction noise ~1e-7;
-# clip 0.1 is below the gradient norm of every early step, so every step is clipped.
-RECIPE = ["--dropout", "0", "--lr", "1", "--clip", "0.1", "--epochs", "1",
-          "--log-interval", "10"]
+# As tests/test_distributed.py: two layers with dropout 0.3 everywhere (the masks belong
+# to columns, so any split draws one process's masks), and lr 1, which keeps float32
+# reduction noise below 1e-5 over the STEPS; clip 0.1 is below the gradient norm of
+# every early step, so those steps are clipped.
+STEPS, PAUSE = 200, 150
+RECIPE = ["--num-layers", "2", "--dropout", "0.3", "--lr", "1", "--clip", "0.1", "--epochs",
+          "1", "--log-interval", "50"]
 
 
 # --- unit level ----------------------------------------------------------------------------
@@ -177,12 +180,12 @@ def logged(run_dir):
 
 
 def reference(tmp_path_factory, heldout, *extra):
-    """One process with the G = 20 columns, 20 steps."""
+    """One process with the G = 20 columns, STEPS steps."""
     out = tmp_path_factory.mktemp("one")
-    proc = run(train_cmd(heldout, out, "--batch-size", str(G), "--max-steps", "20", *extra),
-               timeout=300)
+    proc = run(train_cmd(heldout, out, "--batch-size", str(G), "--max-steps", str(STEPS),
+                         *extra), timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert sorted(logged(out)) == [10, 20]
+    assert sorted(logged(out)) == list(range(50, STEPS + 1, 50))
     return out
 
 
@@ -226,8 +229,8 @@ def test_uneven_ranks_take_the_steps_of_one_process_with_the_global_batch(
     one = request.getfixturevalue("one_process_ar_tar" if extra else "one_process")
     out = tmp_path / "run"
     proc = run(launcher(controller, ranks, *train_cmd(
-        heldout, out, "--global-batch-size", str(G), "--max-steps", "20",
-        "--check-sync-interval", "10", *extra)), timeout=300)
+        heldout, out, "--global-batch-size", str(G), "--max-steps", str(STEPS),
+        "--check-sync-interval", "50", *extra)), timeout=300)
     assert proc.returncode == 0, proc.stderr
     shares = [len(D.column_range(G, r, ranks)) for r in range(ranks)]
     assert len(set(shares)) == 2  # the split is uneven
@@ -239,22 +242,22 @@ def test_uneven_ranks_take_the_steps_of_one_process_with_the_global_batch(
 @pytest.mark.medium
 def test_a_checkpoint_at_four_ranks_resumes_at_three_and_at_one(one_process, heldout,
                                                                 tmp_path):
-    """Paused by --max-steps 15 at 4 ranks (inside a log interval and an epoch: the
-    hidden state of every column and half an interval's sums are in the checkpoint),
-    then resumed to step 20 at 3 ranks (6/7/7) and at 1 process."""
+    """Paused by --max-steps PAUSE at 4 ranks (inside a log interval and an epoch: the
+    hidden state of every column and an interval's sums are in the checkpoint), then
+    resumed to STEPS at 3 ranks (6/7/7) and at 1 process, dropout on."""
     first = tmp_path / "four"
     proc = run(launcher("mpi", 4, *train_cmd(heldout, first, "--global-batch-size", str(G),
-                                             "--max-steps", "15")), timeout=300)
+                                             "--max-steps", str(PAUSE))), timeout=300)
     assert proc.returncode == 0, proc.stderr
     for ranks in (3, 1):
         out = tmp_path / f"then{ranks}"
         shutil.copytree(first, out)
-        cmd = train_cmd(heldout, out, "--global-batch-size", str(G), "--max-steps", "20",
-                        "--resume", "auto")
+        cmd = train_cmd(heldout, out, "--global-batch-size", str(G), "--max-steps",
+                        str(STEPS), "--resume", "auto")
         proc = run(launcher("mpi", ranks, *cmd) if ranks > 1 else cmd, timeout=300)
         assert proc.returncode == 0, proc.stderr
-        assert "Batch 20/" in proc.stdout
-        assert_same_run(out, one_process, since=15)
+        assert f"Batch {STEPS}/" in proc.stdout
+        assert_same_run(out, one_process, since=PAUSE)
 
 
 @pytest.mark.dist

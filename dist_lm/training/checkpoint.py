@@ -16,9 +16,11 @@ The parts (`Parts`), each saved whole and restored in place:
 
 besides which meta.json records the format version, the config, the vocabulary's digest,
 the global batch layout, the random-number scheme and the sha256 of the three array
-files. Nothing is pickled. Randomness needs no saved state: before every step the MXNet
-generator is re-seeded from (seed, rank, step), so a resumed run draws the same dropout
-masks as an uninterrupted one (and variable BPTT lengths come from (seed, step)).
+files. Nothing is pickled. Randomness needs no saved state: every activation dropout
+mask comes from (seed, site, step, global column) and every weight-level one from
+(seed, step) (masks.py, stepper.reseed), so a resumed run draws the same masks as an
+uninterrupted one at any number of ranks (and variable BPTT lengths and sampled-softmax
+candidates come from (seed, step)).
 
 A checkpoint holding any of the AWD recipe's state (token position, interval schedule,
 terms, average) is format 3, which earlier versions refuse instead of resuming without
@@ -76,8 +78,12 @@ FILES = ("model.params", "optimizer.nd", "hidden.nd")
 STEP_DIR = re.compile(r"^step-(\d{9})$")
 TMP_PREFIX = ".tmp-step-"   # a checkpoint being written
 ABANDONED = "abandoned"     # the lines a resume from an earlier step left behind
-RNG_SCHEME = ("mx.random.seed(crc32('seed:rank:step')) before every step; every dropout "
-              "mask by Dropout(cudnn_off), between LSTM layers too")
+RNG_SCHEME = ("activation dropout masks from Philox(seed; site, step, global column); "
+              "weight-level masks from mx.random.seed(crc32('seed:step')) before every step")
+# What checkpoints recorded while every mask came from a generator seeded per rank: a
+# column's masks depended on the rank holding it and on the number of ranks.
+RANK_RNG_SCHEME = ("mx.random.seed(crc32('seed:rank:step')) before every step; every dropout "
+                   "mask by Dropout(cudnn_off), between LSTM layers too")
 # What checkpoints recorded before the models drew the dropout between LSTM layers
 # themselves: on a CPU that dropout was skipped, on a GPU cuDNN drew it.
 EARLIER_RNG_SCHEME = "mx.random.seed(crc32('seed:rank:step')) before every step"
@@ -192,6 +198,11 @@ class Checkpointer:
                 f"earlier dist-lm, which did not apply the dropout between LSTM layers on a "
                 f"CPU (on a GPU cuDNN drew it): this run applies it from here on, so it "
                 f"continues a differently regularized model")
+        elif self.world.is_root and meta.get("rng") == RANK_RNG_SCHEME and self.cfg.model.dropout:
+            say(f"dist-lm: warning: the checkpoint at step {meta['step']} was written by an "
+                f"earlier dist-lm, which drew dropout masks per rank: this run draws them per "
+                f"column of the global batch from here on (the same regularization, other "
+                f"noise), so it does not end exactly where that version would have")
         p = self.parts
         arrays = run_everywhere(
             self.world, lambda: self.run_dir.load_checkpoint(found, p.model, ctx), "resume-load")

@@ -55,9 +55,10 @@ class RegularizedTokenLoss(HybridBlock):
             self.model = model
         self._ce = mx.gluon.loss.SoftmaxCrossEntropyLoss()
 
-    def hybrid_forward(self, F, inputs, targets, states):
-        raw, states = self.model.encode(F, inputs, states)               # (T, B, H)
-        dropped = self.model.drop_output(F, raw)                          # (T, B, H)
+    def hybrid_forward(self, F, inputs, targets, states, *masks):
+        masks = self.model.masks_by_site(masks)  # the activation masks, as TokenLoss's
+        raw, states = self.model.encode(F, inputs, states, masks)         # (T, B, H)
+        dropped = self.model.drop_output(F, raw, masks)                   # (T, B, H)
         logits = self.model.decoder(dropped)                              # (T, B, V)
         ce = self._ce(logits.reshape((-3, -1)), targets.reshape((-1,))).mean()  # (1,)
         terms = F.concat(activation_reg(F, dropped, self._alpha),

@@ -11,8 +11,10 @@ import numpy as np
 from mxnet import autograd
 
 from ..config import Config
+from ..data.text import column_range
 from ..model import SampledTokenLoss, TokenLoss
 from ..runtime.dist import World
+from .masks import ColumnMasks
 from .regularize import regularized_loss
 from .sampling import LogUniformSampler, check_num_sampled
 
@@ -61,6 +63,12 @@ class Stepper:
             self.loss_block = SampledTokenLoss(model, self.sampler.num_sampled)
             self.loss_block.hybridize(static_alloc=True, static_shape=True)
         self.world, self.ctx, self.weight = world, ctx, weight
+        # The activation masks of this rank's columns of the global batch (masks.py), and
+        # whether the weight-level ones need the generator seeded (reseed).
+        first = column_range(cfg.global_columns(world.size), world.rank, world.size).start
+        self.masks = ColumnMasks(model.mask_sites(), cfg.run.seed, first)
+        self.seed = cfg.run.seed
+        self.weight_masks = bool(cfg.model.weight_drop or cfg.model.drop_e)
         # d(w_r objective)/d(objective), the head gradient of backward, (1,).
         self._head = mx.nd.full((1,), weight, ctx=ctx) if weight != 1.0 else None
         self.clip, self.clip_mode = cfg.optim.clip, cfg.optim.clip_mode
@@ -83,8 +91,9 @@ class Stepper:
              lr: Optional[float] = None, step: Optional[int] = None):
         """inputs, targets (T, b) -> mean cross-entropy (1,), mean-gradient norm (1,),
         finite (1,) 1.0 or 0.0, states; lr: this step's learning rate (default: as it is);
-        step: the optimizer step this is; the sampled softmax draws its candidates from it,
-        so it is required there (a default would draw the same candidates every step).
+        step: the optimizer step this is; dropout masks and the sampled softmax's
+        candidates are drawn from it, so it is required there (a default would draw the
+        same ones every step).
         With AR/TAR the gradient is the objective's, and `self.terms` its [AR, TAR] (2,).
         The host stays within two steps of the device: before returning, a step waits
         for the previous step's forward pass (what is still queued keeps the device
@@ -98,9 +107,12 @@ class Stepper:
         states = [s.detach() for s in states]
         args = [to_nd(inputs, self.ctx), to_nd(targets, self.ctx), states]
         rows = None
+        if step is None and (self.sampler is not None or self.masks or self.weight_masks):
+            raise ValueError("Stepper.step: dropout and the sampled softmax need the step "
+                             "number")
+        if self.weight_masks:
+            reseed(self.seed, step)
         if self.sampler is not None:
-            if step is None:
-                raise ValueError("Stepper.step: the sampled softmax needs the step number")
             drawn = self.sampler.draw(step)
             # candidates (K,), log expected counts of the targets (bptt, b) and of the
             # candidates (K,); ids stay exact in float32 (V < 2^24).
@@ -108,6 +120,9 @@ class Stepper:
                      to_nd(self.sampler.log_expected(targets, drawn.num_tries), self.ctx),
                      to_nd(drawn.log_expected, self.ctx)]
             rows = np.unique(np.concatenate([inputs.ravel(), targets.ravel(), drawn.ids]))
+        # After the loss block's own inputs: each (T, b, W) or (1, b, W), in site order.
+        args += [to_nd(mask, self.ctx) for mask in self.masks.draw(step, *inputs.shape)] \
+            if self.masks else []
         with autograd.record():
             if self.regularized:  # loss: the cross-entropy alone
                 objective, loss, self.terms, states = self.loss_block(*args)
@@ -130,8 +145,9 @@ def seed_everything(seed: int) -> None:
     mx.random.seed(seed)
 
 
-def reseed(seed: int, rank: int, step: int) -> None:
-    """Dropout masks of a step depend only on (seed, rank, step): a resumed run draws
-    exactly what an uninterrupted one does, with no generator state saved. About 1.5 ms
-    per step on the development CPU, and only when the model has dropout."""
-    mx.random.seed(zlib.crc32(f"{seed}:{rank}:{step}".encode()) & 0x7FFFFFFF)
+def reseed(seed: int, step: int) -> None:
+    """Weight-level dropout masks (drop_e, weight_drop) of a step depend only on
+    (seed, step): every rank draws the one mask one process draws, and a resumed run
+    draws what an uninterrupted one does, with no generator state saved. Activation
+    masks do not use the generator (masks.py)."""
+    mx.random.seed(zlib.crc32(f"{seed}:{step}".encode()) & 0x7FFFFFFF)

@@ -56,7 +56,7 @@ from .observe import TrainStats, make_reporter
 from .regularize import make_terms
 from .rundir import make_run_dir
 from .schedule import LRSchedule
-from .stepper import Stepper, reseed, seed_everything
+from .stepper import Stepper, seed_everything
 
 
 @dataclass
@@ -205,9 +205,7 @@ def fit(run: Run, states) -> dict:
 
 def train_step(run: Run, states):
     """One optimizer step on the next window; a log line when the interval is full."""
-    cfg, p, m = run.cfg, run.progress, run.cfg.model
-    if any((m.dropout, m.weight_drop, m.drop_h, m.drop_i, m.drop_e)):
-        reseed(cfg.run.seed, run.world.rank, p.step)
+    cfg, p = run.cfg, run.progress
     window = run.windows.next(p)  # inputs, targets (n, b); n = bptt unless variable
     lr = run.schedule.lr(p.step) * window.lr_scale
     loss, norm, finite, states = run.stepper.step(window.inputs, window.targets, states,

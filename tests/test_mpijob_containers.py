@@ -97,7 +97,7 @@ def container_args(argv: list[str]) -> list[str]:
     rewritten: -np for the 3 workers; one OpenMP thread per rank (the nodes share this
     machine's two cores; given with -x, as the MPIJob gives any threading setting); the
     tiny model and tests/test_multinode.py's recipe (40 steps of 12 columns, a checkpoint
-    every 10) in place of the job's model and epochs. The paths stay as rendered
+    every 10) in place of the job's model, epochs and global batch. The paths stay as rendered
     (/data/wikitext-2, /runs/...): the volumes are mounted there, and dist-lm is on the
     image's PATH."""
     split = argv.index("train") - 1  # the ranks' command: dist-lm train ...
@@ -105,7 +105,7 @@ def container_args(argv: list[str]) -> list[str]:
     assert mpirun[:3] == ["dist-lm", "launch", "mpirun"] and train[:2] == ["dist-lm", "train"]
     mpirun[mpirun.index("-np") + 1] = str(len(WORKERS))
     mpirun[3:3] = ["-x", "OMP_NUM_THREADS=1"]
-    for flag in ("--model", "--epochs"):
+    for flag in ("--model", "--epochs", "--global-batch-size"):
         train = drop_option(train, flag)
     return mpirun + train + [*TINY[:-2], *RECIPE]  # TINY without --context: 'auto' stays
 

@@ -11,6 +11,7 @@
 # mpiuser (uid 1000), as the MPI Operator expects for non-root jobs: port 2222, PidFile
 # and host key in the user's reach, StrictModes off. The image holds no keys: the
 # operator mounts a fresh key pair per job into /home/mpiuser/.ssh (sshAuthMountPath).
+# Run without a command, it prints how to use it (launch/image-usage.sh).
 #
 # GPU generations: the stock mxnet-cu112==1.9.1 wheel carries kernels for sm_50..sm_86
 # and no PTX, so it runs on Maxwell through Ampere (V100, T4, A100, A10, A40; Ada's
@@ -140,6 +141,8 @@ RUN groupadd --gid 1000 mpiuser \
     && rm -f /etc/ssh/ssh_host_*
 
 COPY dist_lm/ dist_lm/
+# The default command's text (below).
+COPY launch/image-usage.sh /usr/local/bin/dist-lm-usage
 # The entry point answers (with the CUDA stubs on the path, should the CLI load MXNet).
 RUN LD_LIBRARY_PATH=/usr/local/cuda/lib64/stubs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} \
     dist-lm train --help >/dev/null
@@ -147,5 +150,7 @@ RUN LD_LIBRARY_PATH=/usr/local/cuda/lib64/stubs${LD_LIBRARY_PATH:+:$LD_LIBRARY_P
 USER 1000:1000
 WORKDIR /home/mpiuser
 EXPOSE 2222 6006
-# The worker's role; the launcher's command (mpirun ...) comes from the MPIJob.
-CMD ["/usr/sbin/sshd", "-De", "-f", "/etc/ssh/sshd_config.nonroot"]
+# Without a command the image prints how to use it: training, TensorBoard, or a worker of
+# an MPIJob, whose launcher and workers give their own commands (k8s/base/mpijob.yaml).
+# (sh reads the script, which needs no execute bit.)
+CMD ["/bin/sh", "/usr/local/bin/dist-lm-usage"]

@@ -226,13 +226,22 @@ def dockerfile_cmd() -> list[str]:
     return json.loads(line)
 
 
-def test_the_default_command_is_the_workers_sshd(image):
-    cmd = json.loads(ok(podman("image", "inspect", "--format", "{{json .Config.Cmd}}", image)))
-    assert cmd == dockerfile_cmd()
+def worker_command() -> list[str]:
+    """The MPIJob worker's command and args (k8s/base/mpijob.yaml): sshd."""
     docs = yaml.safe_load_all((REPO / "k8s" / "base" / "mpijob.yaml").read_text())
     (job,) = [d for d in docs if d and d["kind"] == "MPIJob"]
     (worker,) = job["spec"]["mpiReplicaSpecs"]["Worker"]["template"]["spec"]["containers"]
-    assert worker["command"] + worker["args"] == cmd
+    return worker["command"] + worker["args"]
+
+
+def test_the_default_command_prints_the_usage(image):
+    """`podman run IMAGE` prints launch/image-usage.sh's text and exits 0, where the
+    worker's sshd (the MPIJob gives its command) would fail without the job's keys."""
+    cmd = json.loads(ok(podman("image", "inspect", "--format", "{{json .Config.Cmd}}", image)))
+    assert cmd == dockerfile_cmd()
+    usage = subprocess.run(["sh", REPO / "launch" / "image-usage.sh"], capture_output=True,
+                           text=True, timeout=30)
+    assert ok(in_image()) == usage.stdout and " ".join(worker_command()) in usage.stdout
 
 
 @pytest.fixture
@@ -255,7 +264,8 @@ def ssh_dir(tmp_path):
 def test_worker_sshd_serves_the_mounted_key_on_2222(image, ssh_dir, container):
     mount = ["--volume", f"{ssh_dir}:/home/mpiuser/.ssh:ro"]
     ok(in_image("/usr/sbin/sshd", "-t", "-f", "/etc/ssh/sshd_config.nonroot", opts=mount))
-    worker = container(opts=mount)  # the image's CMD: the worker's sshd
+    command = worker_command()  # the worker's sshd, as the MPIJob gives it
+    worker = container(*command[1:], opts=[*mount, "--entrypoint", command[0]])
     # The image's ssh client settings give port 2222 and no known_hosts; BatchMode: a key
     # or nothing.
     done = poll(["exec", worker, "ssh", "-o", "BatchMode=yes", "localhost",

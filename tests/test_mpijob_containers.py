@@ -18,8 +18,8 @@ and what the manifest gives it:
 - the manifest: user, group and fsGroup, no capabilities, no privilege escalation, the
   CPU and memory limits, the volumes (the data read-only, the runs volume owned by the
   image's user as fsGroup makes the PVC, /dev/shm; the launcher has none, as there); the
-  workers run the image's own CMD (sshd as mpiuser on 2222), the launcher the rendered
-  command and args with only what must differ here rewritten.
+  workers run the manifest's command (sshd as mpiuser on 2222), the launcher the rendered
+  command and args ($(NAME) expanded) with only what must differ here rewritten.
 
 Tests: the job trains across the three worker containers and ends where one process with
 the global batch does (< 1e-5); a worker container stopped as Kubernetes stops it, the
@@ -97,7 +97,7 @@ def container_args(argv: list[str]) -> list[str]:
     rewritten: -np for the 3 workers; one OpenMP thread per rank (the nodes share this
     machine's two cores; given with -x, as the MPIJob gives any threading setting); the
     tiny model and tests/test_multinode.py's recipe (40 steps of 12 columns, a checkpoint
-    every 10) in place of the job's model and epochs. The paths stay as rendered
+    every 10) in place of the job's model, epochs and global batch. The paths stay as rendered
     (/data/wikitext-2, /runs/...): the volumes are mounted there, and dist-lm is on the
     image's PATH."""
     split = argv.index("train") - 1  # the ranks' command: dist-lm train ...
@@ -105,7 +105,7 @@ def container_args(argv: list[str]) -> list[str]:
     assert mpirun[:3] == ["dist-lm", "launch", "mpirun"] and train[:2] == ["dist-lm", "train"]
     mpirun[mpirun.index("-np") + 1] = str(len(WORKERS))
     mpirun[3:3] = ["-x", "OMP_NUM_THREADS=1"]
-    for flag in ("--model", "--epochs"):
+    for flag in ("--model", "--epochs", "--global-batch-size"):
         train = drop_option(train, flag)
     return mpirun + train + [*TINY[:-2], *RECIPE]  # TINY without --context: 'auto' stays
 
@@ -297,14 +297,14 @@ class Pods:
         return options
 
     def start_workers(self) -> None:
-        """The workers, running the image's CMD (which the manifest's command and args
-        repeat), and the wait for their readiness."""
+        """The workers, running the manifest's command (the entrypoint) and args (the
+        image's CMD only prints its usage), and the wait for their readiness."""
         (container,) = pod_spec("Worker")["containers"]
-        cmd = podman("image", "inspect", "--format", "{{json .Config.Cmd}}", self.image)
-        assert container["command"] + container["args"] == json.loads(cmd.stdout), cmd
         for i, node in enumerate(WORKERS):
             name = f"{PREFIX}-worker-{i}"
-            done = podman("run", "--detach", *self._options("Worker", node, name), self.image)
+            done = podman("run", "--detach", *self._options("Worker", node, name),
+                          "--entrypoint", json.dumps(container["command"]), self.image,
+                          *container["args"])
             assert done.returncode == 0, done.stderr
         if mpijob()["spec"].get("launcherCreationPolicy") == "WaitForWorkersReady":
             self.wait_ready()
@@ -336,8 +336,9 @@ class Pods:
         atomic_volume(config, mpi_config(self.work / f"config-{name}", self.slots))
         options += ["--volume", f"{config}:{MPI_CONFIG}:ro"]
         options += [f"--env={k}={v}" for k, v in launcher_env(self.slots).items()]
-        command = container["command"]  # the ENTRYPOINT; the args are the CMD
-        assert self.args[:len(command)] == command
+        # The command (expanded, as in self.args) is the ENTRYPOINT; the args the CMD.
+        command = self.args[:len(container["command"])]
+        assert command[:3] == container["command"][:3]
         return LauncherPod(name, ["run", *options, "--entrypoint", json.dumps(command),
                                   self.image, *self.args[len(command):]],
                            self.work / name)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -45,14 +46,31 @@ def tool(name: str) -> str:
     pytest.fail(f"{name} is not installed (see launch/setup-env.sh and launch/constraints.txt)")
 
 
+def k8s_expand(text: str, env: dict) -> str:
+    """`text` as Kubernetes expands a container's command and args: $(NAME) becomes the
+    value of the container's variable NAME (left as it is when there is none), and $$
+    becomes $."""
+    return re.sub(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)",
+                  lambda m: "$" if m.group(0) == "$$" else env.get(m.group(1), m.group(0)),
+                  text)
+
+
+def container_argv(container: dict) -> list[str]:
+    """A container's command and args as Kubernetes runs them, $(NAME) expanded from its
+    env (values given in the manifest)."""
+    env = {v["name"]: v["value"] for v in container.get("env", []) if "value" in v}
+    return [k8s_expand(a, env) for a in container.get("command", []) + container.get("args", [])]
+
+
 def launcher_argv(overlay: str = "base") -> list[str]:
-    """The launcher's command and args as rendered from k8s/<overlay>."""
+    """The launcher's command and args as rendered from k8s/<overlay>, as the pod runs
+    them ($(NAME) expanded)."""
     done = subprocess.run([tool("kubectl"), "kustomize", REPO / "k8s" / overlay],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     (job,) = [o for o in yaml.safe_load_all(done.stdout) if o and o["kind"] == "MPIJob"]
-    launcher = job["spec"]["mpiReplicaSpecs"]["Launcher"]["template"]["spec"]["containers"][0]
-    return launcher["command"] + launcher["args"]
+    (launcher,) = job["spec"]["mpiReplicaSpecs"]["Launcher"]["template"]["spec"]["containers"]
+    return container_argv(launcher)
 
 
 def drop_option(argv: list[str], flag: str) -> list[str]:

@@ -423,8 +423,9 @@ class JobReport:
             return [node for _, node, _ in self.signal_deaths[:1]]
 
     def leaving_hosts(self) -> List[str]:
-        """The hosts of ranks that stopped because a stop signal reached them there (a
-        worker pod's preStop hook: the pod is going away), not because the others agreed."""
+        """The hosts of ranks that a stop signal reached there (a worker pod's preStop
+        hook: the pod is going away), not only the others' agreement; every such host,
+        also one whose hook came after the ranks agreed to stop (lifecycle.StopFlag)."""
         with self.lock:
             return list(dict.fromkeys(
                 r.name for _, r in sorted(self.ranks.items()) if r.exit is not None

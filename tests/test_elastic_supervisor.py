@@ -105,6 +105,9 @@ def test_a_host_blamed_by_its_short_name_cools_down_under_its_full_name():
     assert cool.fail("W-2.job.ns.svc") == 20  # the same host's second failure
     now[0] += 25
     assert cool.usable(listed) == listed
+    # The last world's hosts stay first, under whichever name the script gives them now.
+    assert discovery.choose(listed, 2, keep=["W-2"]) == [("w-2.job.ns.svc", 1),
+                                                         ("w-1.job.ns.svc", 1)]
 
 
 def test_the_next_world_leaves_out_a_host_mpirun_blamed_by_its_short_name(tmp_path):

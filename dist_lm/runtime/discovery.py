@@ -87,9 +87,11 @@ def choose(available: Hosts, max_np: int, keep: Sequence[str] = ()) -> Hosts:
     ran last) first, in their order, so that ranks, rank 0 above all, stay where they
     were; then the others in the script's order. The last host may get fewer slots than
     it offers."""
-    order = sorted(range(len(available)),
-                   key=lambda i: (keep.index(available[i][0]) if available[i][0] in keep
-                                  else len(keep) + i))
+    def place(i: int) -> int:
+        kept = (k for k, name in enumerate(keep) if same_host(name, available[i][0]))
+        return next(kept, len(keep) + i)
+
+    order = sorted(range(len(available)), key=place)
     chosen: Hosts = []
     left = max_np
     for i in order:

@@ -24,7 +24,8 @@ import sys
 from typing import List, Optional
 
 from .config import add_config_args, config_from_args
-from .errors import BenchFailed, NonFiniteError, Preempted, RanksOutOfSync, UsageError
+from .errors import (BenchFailed, NonFiniteError, Preempted, RanksOutOfSync, UsageError,
+                     exit_code_of)
 from .runtime.lifecycle import STOP, exit_now, say
 from .runtime.selfreport import exit_record, started
 
@@ -297,7 +298,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             where = f"[rank {rank}] " if rank is not None else ""
             kind = "stopped" if isinstance(err, Preempted) else "error"
             say(f"dist-lm: {kind}: {where}{err}")  # one write: see lifecycle.say
-            outcome.set(err.exit_code, str(err), kind)
+            code = exit_code_of(err) if isinstance(err, UsageError) else err.exit_code
+            outcome.set(code, str(err), kind)
         except RuntimeError as err:  # MXNetError, HorovodInternalError: RuntimeErrors
             reason = peer_failure(err)
             if reason is None:

@@ -457,6 +457,12 @@ class LaunchConfig:
                                          "--checkpoint-minutes when it sets neither that nor "
                                          "--checkpoint-steps (a lost host costs the steps "
                                          "since the last checkpoint)")
+    busy_timeout: Optional[float] = opt(
+        None, "elastic: seconds, in all, to start the world again while its run directory "
+              "is still locked by a rank of an earlier world (exit 5), before the job ends; "
+              "not counted against --reset-limit",
+        shown="the training command's longer of --checkpoint-timeout-s and --watchdog-s, "
+              "+ 120")
 
     @property
     def elastic(self) -> bool:
@@ -471,6 +477,7 @@ class LaunchConfig:
                   ("--discovery-interval", self.discovery_interval > 0),
                   ("--grow-interval", self.grow_interval >= 0),
                   ("--checkpoint-minutes", self.checkpoint_minutes > 0),
+                  ("--busy-timeout", self.busy_timeout is None or self.busy_timeout > 0),
                   ("--min-np", self.min_np > 0),
                   ("--max-np", self.max_np is None or self.max_np > 0)]
         for flag, ok in checks:

@@ -1,5 +1,7 @@
 """The errors dist-lm reports to users as one line and an exit code, never a traceback."""
 
+import errno
+
 
 class UsageError(Exception):
     """Bad input from the user (flags, files, checkpoints): exit code 2 on every rank."""
@@ -39,3 +41,34 @@ class Preempted(Exception):
     Exit code 143 (128 + SIGTERM), what Kubernetes and schedulers expect of a stop."""
 
     exit_code = 143
+
+
+class StorageUnavailable(UsageError):
+    """Storage failed in a way that passes (NFS's lock manager away, a stale handle after
+    a server failover, an I/O error): exit code 7. Not bad input: an elastic job starts
+    again after a back-off (runtime/elastic.py), a fixed-size one can be run again as is."""
+
+    exit_code = 7
+
+
+# The errno values of an OSError that storage may clear by itself.
+TRANSIENT_ERRNOS = frozenset({errno.ENOLCK, errno.EIO, errno.ESTALE, errno.ETIMEDOUT})
+
+
+def exit_code_of(err: UsageError) -> int:
+    """err's exit code, or StorageUnavailable's when a plain UsageError was raised while
+    handling a transient OSError (`raise UsageError(...) from None` keeps it as the
+    context): storage code says what failed, this says whether it may pass."""
+    if type(err) is UsageError:
+        seen = err.__cause__ or err.__context__
+        while seen is not None:
+            if isinstance(seen, OSError) and seen.errno in TRANSIENT_ERRNOS:
+                return StorageUnavailable.exit_code
+            seen = seen.__cause__ or seen.__context__
+    return err.exit_code
+
+
+def error_class(code: int) -> type:
+    """The UsageError class of an exit code, for an error that travelled between ranks."""
+    return next((c for c in (RunDirBusy, StorageUnavailable) if c.exit_code == code),
+                UsageError)

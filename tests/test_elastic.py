@@ -130,10 +130,12 @@ if os.environ.get("OMPI_COMM_WORLD_RANK") is not None:
 
 @pytest.fixture
 def site(tmp_path, monkeypatch):
-    """A sitecustomize for the ranks (mpirun passes PYTHONPATH on): `site(code)`."""
+    """A sitecustomize for the ranks (mpirun passes PYTHONPATH on): `site(code)`. In front
+    of the PYTHONPATH the tests run with, which may name the dist_lm under test."""
     folder = tmp_path / "site"
     folder.mkdir()
-    monkeypatch.setenv("PYTHONPATH", str(folder))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        p for p in (str(folder), os.environ.get("PYTHONPATH", "")) if p))
     return lambda code: (folder / "sitecustomize.py").write_text(code)
 
 
@@ -336,7 +338,7 @@ def test_a_launcher_that_cannot_start_is_not_restarted(tmp_path):
 def test_a_run_directory_still_locked_is_waited_for_not_taken_as_bad_input(
         heldout, tmp_path, site):
     """The lock held by a rank of the last world on a lost node lapses once that rank
-    ends: the job backs off (2 s, 4 s, ...) and starts again, and is not ended as exit 2."""
+    ends: the job waits (1 s, 2 s, ...) and starts again, and is not ended as exit 2."""
     from dist_lm.training.rundir import make_run_dir
 
     site("")
@@ -346,8 +348,8 @@ def test_a_run_directory_still_locked_is_waited_for_not_taken_as_bad_input(
     try:
         proc = start(elastic(script, heldout, run_dir, "--max-np", "2",
                              train=["--max-steps", "8"]), log)
-        wait_for(log, r"dist-lm: elastic: the world failed with no host to blame \(.*in use "
-                      r"by another job.*\); starting again in 2s", proc)
+        wait_for(log, r"dist-lm: elastic: the run directory is still locked \(.*in use by "
+                      r"another job.*\); starting again in 1s", proc)
     finally:
         holder.release()
     try:

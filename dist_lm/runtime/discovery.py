@@ -10,17 +10,21 @@ ranks on a host that does not exist.
 A host that failed (lost, unreachable, or whose pod was stopped) sits out a cooldown
 that doubles with each failure of that host, from MIN up to MAX seconds (Horovod's
 --blacklist-cooldown-range; Horovod without that flag never takes such a host back).
+
+One host goes by several names: the script may print `w-2.job.ns.svc` where mpirun and
+the rank itself say `w-2`. `same_host` is the one place that decides two names are one
+host; the cooldowns and the job's report (jobreport.py) both ask it.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
-import subprocess
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from .procs import kill_session
+from .procs import run_bounded
 
 Hosts = List[Tuple[str, int]]   # (host, slots), in rank order
 
@@ -31,22 +35,26 @@ class DiscoveryFailed(Exception):
     """The discovery script could not be run or printed something that is not a host."""
 
 
-def discover(script: str, slots_per_host: int, timeout_s: float = 30.0) -> Hosts:
-    """The hosts the script lists now, each once (slots summed), in its order."""
+TIMEOUT_S = 30.0   # the discovery script's time limit
+
+
+def discover(script: str, slots_per_host: int, timeout_s: float = TIMEOUT_S) -> Hosts:
+    """The hosts the script lists now, each once (slots summed), in its order. Bounded
+    by timeout_s, however the script behaves: a process it leaves in the background that
+    keeps its output open counts as not finishing (run_bounded)."""
     try:
-        proc = subprocess.Popen([script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                stdin=subprocess.DEVNULL, text=True, start_new_session=True)
+        done = run_bounded([script], timeout_s)
     except OSError as err:
         raise DiscoveryFailed(f"cannot run {script}: {err.strerror}") from None
-    try:
-        out, err = proc.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        kill_session(proc.pid)
-        proc.communicate()
-        raise DiscoveryFailed(f"{script} did not finish within {timeout_s:g}s") from None
-    if proc.returncode != 0:
+    if done.timed_out:
+        raise DiscoveryFailed(f"{script} did not finish within {timeout_s:g}s"
+                              + (" (it exited, but a process it started kept its output "
+                                 "open)" if done.returncode is not None else "")
+                              + "; ended it and the processes it started")
+    out, err = done.stdout, done.stderr
+    if done.returncode != 0:
         last = next((x for x in reversed(err.splitlines()) if x.strip()), "")
-        raise DiscoveryFailed(f"{script} exited {proc.returncode}"
+        raise DiscoveryFailed(f"{script} exited {done.returncode}"
                               + (f": {last.strip()}" if last else ""))
     return parse_hosts(out, slots_per_host, script)
 
@@ -79,9 +87,11 @@ def choose(available: Hosts, max_np: int, keep: Sequence[str] = ()) -> Hosts:
     ran last) first, in their order, so that ranks, rank 0 above all, stay where they
     were; then the others in the script's order. The last host may get fewer slots than
     it offers."""
-    order = sorted(range(len(available)),
-                   key=lambda i: (keep.index(available[i][0]) if available[i][0] in keep
-                                  else len(keep) + i))
+    def place(i: int) -> int:
+        kept = (k for k, name in enumerate(keep) if same_host(name, available[i][0]))
+        return next(kept, len(keep) + i)
+
+    order = sorted(range(len(available)), key=place)
     chosen: Hosts = []
     left = max_np
     for i in order:
@@ -93,8 +103,31 @@ def choose(available: Hosts, max_np: int, keep: Sequence[str] = ()) -> Hosts:
     return chosen
 
 
+def same_host(a: str, b: str) -> bool:
+    """The same host, by name, whatever its case and however much of its domain each
+    name gives (w-2, W-2.job.ns.svc and w-2.job.ns.svc.cluster.local are one host;
+    w-2.a and w-2.b are two), or by address, compared whole (10.0.0.1 and 10.0.0.2 are
+    two; an address is never resolved, so it matches only itself)."""
+    a, b = a.lower().rstrip("."), b.lower().rstrip(".")
+    if a == b:
+        return True
+    if not a or not b or _is_address(a) or _is_address(b):
+        return False
+    short, long_ = sorted((a.split("."), b.split(".")), key=len)
+    return long_[:len(short)] == short
+
+
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True
+
+
 class Cooldowns:
-    """The hosts that sit out after a failure, until when."""
+    """The hosts that sit out after a failure, until when; a host is found under any of
+    its names (same_host): mpirun may blame `w-2` while the script lists `w-2.job.ns.svc`."""
 
     def __init__(self, low_s: float, high_s: float,
                  clock: Callable[[], float] = time.monotonic):
@@ -102,15 +135,20 @@ class Cooldowns:
         self.failures: Dict[str, int] = {}
         self.until: Dict[str, float] = {}
 
+    def _key(self, host: str) -> str:
+        """The name host failed under before, if it did; else host."""
+        return next((h for h in self.failures if same_host(h, host)), host)
+
     def fail(self, host: str) -> float:
         """Sets host aside; returns for how many seconds."""
-        n = self.failures[host] = self.failures.get(host, 0) + 1
+        key = self._key(host)
+        n = self.failures[key] = self.failures.get(key, 0) + 1
         seconds = min(self.high, self.low * 2 ** (n - 1))
-        self.until[host] = self.clock() + seconds
+        self.until[key] = self.clock() + seconds
         return seconds
 
     def cooling(self, host: str) -> bool:
-        return self.until.get(host, 0.0) > self.clock()
+        return self.until.get(self._key(host), 0.0) > self.clock()
 
     def usable(self, hosts: Hosts) -> Hosts:
         return [(h, n) for h, n in hosts if not self.cooling(h)]

@@ -372,17 +372,17 @@ def run_everywhere(world: World, fn: Callable[[], Any], what: str) -> Any:
     """Runs fn on every rank and agrees on the outcome, so a bad input on one rank stops
     all ranks with the same message instead of leaving the others in a collective.
     Returns fn's result; raises the first rank's error (by rank order) on every rank."""
-    from ..errors import RunDirBusy, UsageError
+    from ..errors import UsageError, error_class, exit_code_of
 
     result, error = None, None
     try:
         result = fn()
     except UsageError as err:
-        error = (str(err), err.exit_code)  # the kind of error travels with it
+        error = (str(err), exit_code_of(err))  # the kind of error travels with it
     errors = world.allgather_object(error, name=f"agree.{what}")
     first: Optional[tuple] = next(((r, e) for r, e in enumerate(errors) if e), None)
     if first is not None:
         rank, (message, code) = first
         prefix = f"rank {rank}: " if world.size > 1 and (message, code) != error else ""
-        raise (RunDirBusy if code == RunDirBusy.exit_code else UsageError)(prefix + message)
+        raise error_class(code)(prefix + message)
     return result

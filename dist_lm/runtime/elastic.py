@@ -19,8 +19,14 @@ the numbers of an uninterrupted one, up to float noise (docs/reliability.md).
   once the world has run --grow-interval seconds, it is asked to stop with a checkpoint
   (the agreed stop of a SIGTERM) and the next world starts with them: nothing is lost.
 - A stop signal to this supervisor stops the world with a checkpoint and ends the job: no
-  restart. An error that another start would meet again (bad input, non-finite values)
-  ends it too, and so does the --reset-limit-th restart after a failure.
+  restart, also when it comes between two worlds (the next one is not started). An error
+  that another start would meet again (bad input, non-finite values) ends it too, and so
+  does the --reset-limit-th restart after a failure. Storage that failed in a way that
+  passes (exit 7) is such a failure, after a back-off.
+- A world refused because its run directory is still locked (exit 5: a rank of the last
+  world, on a lost node, has not ended yet) is started again, after 1, 2, 4 ... 30 s,
+  until --busy-timeout (by default the training command's longest wait, so that the
+  holder's own watchdog ends it first); this does not count against --reset-limit.
 Every restart prints one line (why; hosts and ranks before and after; the step it
 continues from; the steps lost), and the ranks get the same facts (DIST_LM_WORLD), which
 rank 0 writes to metrics.jsonl and TensorBoard (`world/ranks`, `world/restarts`).
@@ -34,7 +40,7 @@ import threading
 import time
 from typing import Dict, List, Optional, Tuple
 
-from ..config import LaunchConfig
+from ..config import LaunchConfig, ReliabilityConfig
 from ..errors import UsageError
 from . import discovery, selfreport
 from .discovery import Cooldowns, DiscoveryFailed, Hosts
@@ -44,6 +50,10 @@ from .launch import (HOST_FLAGS, HOSTFILE_FLAGS, Ending, Signals, last_word, lau
 
 NP_FLAGS = ("-np", "-n", "--np", "-c")
 WORLD = selfreport.WORLD   # what each world's ranks are told of it
+# Between the holder's own limit and its lock's lapse: its watchdog's check (1 s), its
+# stop grace (30 s), an NFS server's lease on a lost client's lock (90 s by default).
+BUSY_MARGIN_S = 120.0
+BUSY_WAITS_S = (1.0, 30.0)   # first, most: the wait before each start while it is locked
 
 
 def say(line: str) -> None:
@@ -70,6 +80,28 @@ def check_command(argv: List[str], cfg: LaunchConfig) -> Tuple[List[str], int]:
     if option(argv, ("--checkpoint-minutes", "--checkpoint-steps")) is None:
         argv = [*argv, "--checkpoint-minutes", f"{cfg.checkpoint_minutes:g}"]
     return argv, int(g)
+
+
+def busy_timeout(argv: List[str], cfg: LaunchConfig) -> float:
+    """How long, in all, to start worlds again while the run directory is locked: the
+    --busy-timeout given, else the longest that a rank of an earlier world can hold it by
+    the training command's own limits (a checkpoint write ends within
+    --checkpoint-timeout-s, anything else within --watchdog-s; 0, no limit, counts as the
+    default) plus BUSY_MARGIN_S. A holder stuck in its start-up (after it took the lock,
+    before its watchdog runs: reading data, resuming) has no limit of its own: this is
+    its bound, after which the job ends with a line that names it (host, pid)."""
+    if cfg.busy_timeout is not None:
+        return cfg.busy_timeout
+    defaults = ReliabilityConfig()
+    limits = []
+    for flag, default in (("--watchdog-s", defaults.watchdog_s),
+                          ("--checkpoint-timeout-s", defaults.checkpoint_timeout_s)):
+        try:
+            value = float(option(argv, (flag,)) or default)
+        except ValueError:  # the ranks refuse it with one line
+            value = default
+        limits.append(value if value > 0 else default)
+    return max(limits) + BUSY_MARGIN_S
 
 
 def world_argv(argv: List[str], hosts: Hosts) -> List[str]:
@@ -105,6 +137,9 @@ class Elastic:
         self.silent: Dict[str, str] = {}   # listed hosts that did not answer ssh, why
         self.unexplained = 0       # failures in a row that no host was blamed for
         self.world_seconds = 0.0   # how long the last world ran
+        self.busy_limit = busy_timeout(self.argv, cfg)
+        self.busy_since: Optional[float] = None   # the first refusal (exit 5) in a row
+        self.busy_tries = 0
 
     # --- hosts ---
 
@@ -200,6 +235,15 @@ class Elastic:
             if self.signals.received:
                 last_word(ending.line())
                 return ending.code
+            if ending.report.run_dir_busy():  # the same start again, once it is free
+                if not self.wait_busy(ending):
+                    return ending.code if not self.signals.received else \
+                        self.no_hosts(ending)
+                hosts = self.next_hosts([h for h, _ in hosts])
+                if hosts is None or self.signals.received:
+                    return self.no_hosts(ending)
+                continue
+            self.busy_since = None
             reason, failed, blamed = self.why_it_ended(ending, grown)
             if reason is None:
                 last_word(ending.line())
@@ -216,7 +260,7 @@ class Elastic:
             grew = bool(grown) and ending.verdict == "stopped"
             before = hosts
             hosts = grown[0] if grew else self.next_hosts([h for h, _ in hosts])
-            if hosts is None:
+            if hosts is None or self.signals.received:  # no world starts after a stop
                 return self.no_hosts(ending)
             self.restarts += 1
             step, saved = ending.report.progress()
@@ -225,10 +269,10 @@ class Elastic:
                 f"{discovery.slots(hosts)}; {continues(step, saved)}")
 
     def back_off(self, unexplained: bool, ending: Ending) -> bool:
-        """Before a restart after a failure that no host is blamed for (the run
-        directory still locked by a rank of the last world on a lost node, say): waits
-        2, 4, ... up to 60 s, counting such failures since a world last ran a minute.
-        False when a stop signal came meanwhile."""
+        """Before a restart after a failure that no host is blamed for (storage that
+        failed for a moment, exit 7, say): waits 2, 4, ... up to 60 s, counting such
+        failures since a world last ran a minute. False when a stop signal came
+        meanwhile."""
         if self.world_seconds >= 60 or not unexplained:
             self.unexplained = 0
         if not unexplained:
@@ -237,9 +281,34 @@ class Elastic:
         wait = min(60.0, 2.0 ** self.unexplained)
         say(f"the world failed with no host to blame ({ending.sentence}); starting again "
             f"in {wait:.0f}s")
-        deadline = time.monotonic() + wait
+        return self.pause(wait)
+
+    def wait_busy(self, ending: Ending) -> bool:
+        """Before the same world starts again on a run directory that was still locked
+        (exit 5): waits 1, 2, 4 ... 30 s, for --busy-timeout in all since the first
+        refusal; not a failure (--reset-limit). False when the time is up (said in one
+        line) or a stop signal came."""
+        now = time.monotonic()
+        if self.busy_since is None:
+            self.busy_since, self.busy_tries = now, 0
+        left = self.busy_since + self.busy_limit - now
+        if left <= 0:
+            last_word(f"dist-lm: error: job failed: the run directory was still locked "
+                      f"after {self.busy_limit:g}s (--busy-timeout): {ending.sentence}")
+            return False
+        first, most = BUSY_WAITS_S
+        wait = min(most, first * 2 ** self.busy_tries, left)
+        self.busy_tries += 1
+        say(f"the run directory is still locked ({ending.sentence}); starting again in "
+            f"{wait:.0f}s, for up to {left:.0f}s more (--busy-timeout "
+            f"{self.busy_limit:g}; not counted against --reset-limit)")
+        return self.pause(wait)
+
+    def pause(self, seconds: float) -> bool:
+        """Sleeps, unless a stop signal comes; False when one came."""
+        deadline = time.monotonic() + seconds
         while time.monotonic() < deadline and not self.signals.received:
-            time.sleep(0.2)
+            time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
         return not self.signals.received
 
     def one_world(self, hosts: Hosts, reason: str) -> Tuple[Ending, List[Hosts]]:
@@ -254,7 +323,9 @@ class Elastic:
                                   env={WORLD: json.dumps(facts)})
         finally:
             done.set()
-            watcher.join()
+            # Bounded: the watcher's discovery and ssh probes are (discovery.discover,
+            # probe_hosts); and a watcher that is late asks nothing of the next world.
+            watcher.join(timeout=discovery.TIMEOUT_S + 20)
             self.world_seconds = time.monotonic() - started
         return ending, grown
 

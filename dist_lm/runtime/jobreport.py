@@ -26,7 +26,6 @@ job got.
 
 from __future__ import annotations
 
-import ipaddress
 import re
 import signal
 import socket
@@ -35,9 +34,10 @@ import threading
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from ..errors import NonFiniteError, RanksOutOfSync, UsageError
+from ..errors import NonFiniteError, RanksOutOfSync, RunDirBusy, StorageUnavailable, UsageError
 from . import selfreport
-from .procs import kill_session
+from .discovery import same_host
+from .procs import finish
 
 # --- the launcher's words: the last resort -------------------------------------------------
 # Each pattern reads one line that a launcher prints; tests/test_launch_patterns.py feeds
@@ -129,11 +129,9 @@ def probe_hosts(targets: Dict[str, Sequence[int]], ssh: Sequence[str],
             text=True, start_new_session=True)
     deadline = time.monotonic() + timeout_s
     for host, proc in procs.items():
-        try:
-            stdout, err = proc.communicate(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            kill_session(proc.pid)
-            proc.communicate()
+        done = finish(proc, max(0.1, deadline - time.monotonic()))
+        stdout, err = done.stdout, done.stderr
+        if done.timed_out:
             out[host] = (f"no answer within {timeout_s:g}s", [])
             continue
         if proc.returncode != 0:
@@ -263,6 +261,11 @@ class JobReport:
         return codes[0] if codes else 1
 
     # --- probing ---
+
+    def started(self) -> bool:
+        """Whether any rank has said it started (a start or any other record)."""
+        with self.lock:
+            return any(r.pid is not None or r.exit is not None for r in self.ranks.values())
 
     def silent(self) -> List[Rank]:
         """The ranks known to be in the job that have not said how they ended."""
@@ -420,8 +423,9 @@ class JobReport:
             return [node for _, node, _ in self.signal_deaths[:1]]
 
     def leaving_hosts(self) -> List[str]:
-        """The hosts of ranks that stopped because a stop signal reached them there (a
-        worker pod's preStop hook: the pod is going away), not because the others agreed."""
+        """The hosts of ranks that a stop signal reached there (a worker pod's preStop
+        hook: the pod is going away), not only the others' agreement; every such host,
+        also one whose hook came after the ranks agreed to stop (lifecycle.StopFlag)."""
         with self.lock:
             return list(dict.fromkeys(
                 r.name for _, r in sorted(self.ranks.items()) if r.exit is not None
@@ -434,6 +438,14 @@ class JobReport:
             return any(r.exit is not None and r.exit.get("kind") == "error"
                        and r.exit.get("code") in (UsageError.exit_code,
                                                   NonFiniteError.exit_code)
+                       for r in self.ranks.values())
+
+    def run_dir_busy(self) -> bool:
+        """Whether a rank ended because the run directory was locked by someone else
+        (exit 5): at a restart, most likely a rank of the last world that has not ended
+        yet (elastic.py waits for it)."""
+        with self.lock:
+            return any(r.exit is not None and r.exit.get("code") == RunDirBusy.exit_code
                        for r in self.ranks.values())
 
     def progress(self) -> Tuple[Optional[int], Optional[int]]:
@@ -471,7 +483,9 @@ def exit_meaning(code: int) -> str:
     if by_signal(code):
         return f" (killed by signal {code - 128} ({signal_name(code - 128)}))"
     return {2: " (bad input)", 3: " (non-finite values)",
-            4: " (a peer rank was lost or ranks went out of step)"}.get(code, "")
+            4: " (a peer rank was lost or ranks went out of step)",
+            RunDirBusy.exit_code: " (the run directory is in use)",
+            StorageUnavailable.exit_code: " (storage unavailable)"}.get(code, "")
 
 
 def signal_name(number: int) -> str:
@@ -480,21 +494,3 @@ def signal_name(number: int) -> str:
         return signal.strsignal(number) or "unknown"
     except ValueError:
         return "unknown"
-
-
-def same_host(a: str, b: str) -> bool:
-    """The same host, by name (node2 and node2.cluster.local are one) or by address
-    (compared whole: 10.0.0.1 and 10.0.0.2 are two)."""
-    if a == b:
-        return True
-    if _is_address(a) or _is_address(b):
-        return False
-    return a.split(".", 1)[0] == b.split(".", 1)[0]
-
-
-def _is_address(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True

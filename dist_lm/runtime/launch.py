@@ -202,19 +202,23 @@ def _relay(stream, sink, report: JobReport, drop_tracebacks: bool = False) -> No
 STOPS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
-def pass_on(pid: int, kind: str, count: int, signum: int) -> None:
-    """The count-th stop signal to the launcher (see the module docstring)."""
+def pass_on(pid: int, kind: str, count: int, signum: int) -> int:
+    """The count-th stop signal to the launcher (see the module docstring); returns the
+    signal sent (SIGKILL: its session killed)."""
+    if count == 1 and kind == "mpirun":
+        sent = signal.SIGUSR1   # forwarded to every rank at once
+    elif count == 1:
+        sent = signal.SIGINT if signum == signal.SIGINT else signal.SIGTERM
+    elif count == 2 and kind == "mpirun":
+        sent = signal.SIGTERM
+    else:
+        kill_session(pid, wait_s=5)
+        return signal.SIGKILL
     try:
-        if count == 1 and kind == "mpirun":
-            os.kill(pid, signal.SIGUSR1)   # forwarded to every rank at once
-        elif count == 1:
-            os.kill(pid, signal.SIGINT if signum == signal.SIGINT else signal.SIGTERM)
-        elif count == 2 and kind == "mpirun":
-            os.kill(pid, signal.SIGTERM)
-        else:
-            kill_session(pid, wait_s=5)
+        os.kill(pid, sent)
     except ProcessLookupError:
         pass
+    return sent
 
 
 class Signals:
@@ -229,6 +233,7 @@ class Signals:
     def __init__(self) -> None:
         self.received: List[int] = []
         self.asked = False
+        self.sent: List[int] = []   # the signals passed on to the launcher that runs now
         self._passed = 0
         self._proc: Optional[subprocess.Popen] = None
         self._kind = "other"
@@ -253,7 +258,7 @@ class Signals:
         gets the signals that came while it started."""
         with self._lock:
             self._proc, self._kind, self._passed = proc, kind, 0
-            self.asked = False
+            self.asked, self.sent = False, []
         self._pass()
 
     def ask_stop(self) -> None:
@@ -272,7 +277,7 @@ class Signals:
                 self._passed += 1
                 signum = self.received[self._passed - 1] \
                     if self._passed <= len(self.received) else signal.SIGTERM
-                pass_on(proc.pid, self._kind, self._passed, signum)
+                self.sent.append(pass_on(proc.pid, self._kind, self._passed, signum))
 
 
 class Ending:
@@ -310,6 +315,10 @@ def run_launcher(argv: List[str], signals: Signals, grace_s: float = 20.0,
     ssh = ssh_command(argv, kind)
     argv, run_env = ask_for_records(argv, kind)
     run_env.update(env or {})
+    if signals.received:  # a stop before the launcher started (an elastic job between
+        # worlds): it is not started, rather than killed by a stop it cannot take yet
+        return Ending(143, "stopped", f"stopped before {os.path.basename(argv[0])} started",
+                      report)
     try:
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 stdin=subprocess.DEVNULL, start_new_session=True,
@@ -364,6 +373,12 @@ def _watch(proc: subprocess.Popen, argv: List[str], kind: str, report: JobReport
         code = report.failed_code()
     if code == 0 and not killed:
         return Ending(0, "ok", "finished", report)
+    if code < 0 and -code in signals.sent and not report.started():
+        # The stop came as the launcher started, before it could take a stop signal
+        # (mpirun's SIGUSR1 handler, horovodrun's SIGTERM one) and before any rank ran:
+        # a stop, not a launcher killed by a signal.
+        return Ending(143, "stopped", f"stopped as {os.path.basename(argv[0])} started, "
+                                      f"before any rank did", report)
     verdict, sentence = report.cause(code, bool(signals.received or signals.asked), probe)
     if verdict == "stopped":
         code = 143  # what the ranks said; horovodrun reports 1 whatever they did

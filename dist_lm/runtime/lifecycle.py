@@ -7,10 +7,12 @@ agree (an allreduce of the flag) to stop together after a checkpoint. A second S
 SIGINT, or a signal outside training, ends the process at once; SIGUSR1 again is the same
 request (a worker pod's preStop hook and mpirun both send one when a drained node held the
 worker and the launcher, k8s/base/mpijob.yaml). The rank's exit record says whether this
-process received a stop signal itself before the ranks agreed to stop (`signalled`,
-selfreport): a preStop hook signals only the ranks of the pod that is going away, the
-others stop because they agreed to, and a signal after the agreement is the job ending
-(mpirun ends the other ranks once one has exited).
+process received a stop signal itself (`signalled`, selfreport): a preStop hook signals
+only the ranks of the pod that is going away, the others stop because they agreed to.
+SIGTERM or SIGINT after the agreement is the job ending (mpirun and horovodrun end the
+other ranks with SIGTERM once one has exited), not this rank's own; SIGUSR1 at any time
+is (a second pod's preStop hook, evicted just after the first: its pod is going away too,
+and the elastic supervisor must set it aside).
 
 `Watchdog` ends the process with a one-line message (exit code 4) when the loop makes no
 progress for `timeout` seconds: the guard against a peer that died or collectives that
@@ -41,7 +43,7 @@ import socket
 import sys
 import threading
 import time
-from typing import Callable
+from typing import Callable, List
 
 from . import selfreport
 
@@ -88,13 +90,13 @@ class StopFlag:
         if self._armed and not self.signum:
             self.signum = signal.SIGTERM
 
-    def received(self) -> None:
+    def received(self, signum: int) -> None:
         """A stop signal reached this process (its handler, or the watchdog, saw it)."""
-        if not self.agreed:
+        if not self.agreed or signum == signal.SIGUSR1:
             self.signalled = True
 
     def _handle(self, signum, frame) -> None:
-        self.received()
+        self.received(signum)
         if signum == signal.SIGUSR1:  # a stop request, as SIGTERM (exit code 143)
             if self._armed and self.signum:
                 return  # asked again: the same request
@@ -157,24 +159,24 @@ class Watchdog:
     def __exit__(self, *exc) -> None:
         self._stop.set()
 
-    def _signalled(self, wait_s: float) -> bool:
-        """Waits up to wait_s; True when a stop signal arrived meanwhile."""
+    def _signalled(self, wait_s: float) -> List[int]:
+        """Waits up to wait_s; the stop signals that arrived meanwhile."""
         if STOP.wakeup is None:
             self._stop.wait(wait_s)
-            return False
+            return []
         try:
             if not select.select([STOP.wakeup], [], [], wait_s)[0]:
-                return False
-            return any(b in STOP_SIGNALS for b in os.read(STOP.wakeup, 512))
+                return []
+            return [b for b in os.read(STOP.wakeup, 512) if b in STOP_SIGNALS]
         except OSError:
-            return False
+            return []
 
     def _watch(self) -> None:
         signalled = orphaned = None
         while not self._stop.is_set():
-            if self._signalled(min(1.0, self.timeout / 4)) and signalled is None:
-                signalled = time.monotonic()
-                STOP.received()  # its handler may never run (blocked in C)
+            for signum in self._signalled(min(1.0, self.timeout / 4)):
+                STOP.received(signum)  # its handler may never run (blocked in C)
+                signalled = signalled or time.monotonic()
             if self._stop.is_set():
                 return
             if orphaned is None and self.orphaned():

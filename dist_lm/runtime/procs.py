@@ -3,14 +3,17 @@
 Started with start_new_session=True, a launcher's session holds the launcher and all the
 processes it starts, ranks included, unless one of them makes a session of its own.
 `kill_session` ends them all; `launch.py` (`dist-lm launch`) supervises a launcher with it.
+`run_bounded` runs a short helper (the discovery script, an ssh probe) to its end within
+a time limit, whatever the processes it leaves behind do with its output.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
-from typing import List, Optional
+from typing import List, NamedTuple, Optional, Sequence
 
 
 def kill_session(sid: int, wait_s: float = 30.0) -> None:
@@ -59,3 +62,51 @@ def session_members(sid: int) -> Optional[List[int]]:
         if int(fields[3]) == sid and fields[0] not in ("Z", "X"):
             members.append(pid)
     return members
+
+
+class Bounded(NamedTuple):
+    """How run_bounded's command ended: its exit code (None: it was still running at the
+    limit), what it printed, and whether the limit was reached."""
+    returncode: Optional[int]
+    stdout: str
+    stderr: str
+    timed_out: bool
+
+
+def run_bounded(argv: Sequence[str], timeout_s: float) -> Bounded:
+    """Runs argv in a session of its own (text output) and returns within about
+    timeout_s + 2 s (see `finish`). Raises OSError when argv cannot be started."""
+    proc = subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL, text=True, start_new_session=True)
+    return finish(proc, timeout_s)
+
+
+def finish(proc: subprocess.Popen, timeout_s: float) -> Bounded:
+    """Reads proc (started with start_new_session and piped stdout and stderr) to its end
+    within timeout_s, and at most about 2 s more.
+
+    Reading its output to the end is not enough: a process it started in the background
+    holds the pipes open after it exits, and one that made a session of its own
+    (setsid) outlives kill_session. At the limit its session (its process group and
+    every group made in it) is killed, what was printed is read for at most a second
+    more, and then the pipes are closed whoever still holds them."""
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+        return Bounded(proc.returncode, out, err, False)
+    except subprocess.TimeoutExpired:
+        exited = proc.poll()
+    kill_session(proc.pid, wait_s=1)
+    try:
+        out, err = proc.communicate(timeout=1)
+    except subprocess.TimeoutExpired:  # held open outside the session
+        out, err = None, None
+        for pipe in (proc.stdout, proc.stderr):
+            try:
+                pipe.close()
+            except OSError:
+                pass
+        try:
+            proc.wait(timeout=1)
+        except subprocess.TimeoutExpired:
+            pass
+    return Bounded(exited, out or "", err or "", True)

@@ -10,7 +10,7 @@ import urllib.request
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import BIN, TINY, VALID, data_args, dist_lm, launcher, records, run
+from conftest import BIN, REPO, TINY, VALID, data_args, dist_lm, launcher, records, run
 
 SCALARS = ["train/loss", "train/ppl", "train/lr", "train/grad_norm", "train/clipped_fraction",
            "throughput/tokens_per_s", "throughput/samples_per_s",
@@ -201,3 +201,32 @@ def test_device_syncs_happen_on_log_steps_only(heldout, tmp_path, monkeypatch):
         train(config_from_args(build_parser().parse_args(argv)), LocalWorld())
         counts.append(reads["n"])
     assert counts[0] == counts[1], counts
+
+
+SAMPLE = [REPO / "dist_lm" / "data" / "sample" / f"{split}.txt"
+          for split in ("train", "valid", "test")]
+
+
+@pytest.mark.medium
+def test_a_short_run_says_where_it_writes_logs_each_epoch_once_and_lists_its_files(tmp_path):
+    """The default --log-interval (200) is longer than the sample corpus's 32-step epoch:
+    each epoch logs once, at its end, with tokens/s beside samples/s."""
+    run_dir = tmp_path / "run"
+    proc = dist_lm("train", *data_args(*SAMPLE), *TINY, "--epochs", "2", "--run-dir", run_dir,
+                   timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == (f"Run directory {run_dir} (1 rank); watch it with: "
+                        f"tensorboard --logdir {run_dir}")
+    logged = re.findall(r"^\[Epoch (\d) Batch (\d+)/(\d+)\] loss [0-9.]+, ppl [0-9.]+, "
+                        r"throughput [0-9.]+ samples/s, (\d+) tokens/s$", proc.stdout, re.M)
+    assert [(e, b, n) for e, b, n, _ in logged] == [("0", "32", "32"), ("1", "32", "32")]
+    rows = records(run_dir, "train")
+    assert [r["step"] for r in rows] == [32, 64]
+    assert [int(t) for *_, t in logged] == [round(r["throughput/tokens_per_s"]) for r in rows]
+    assert re.search(r"^\[Epoch 1\] throughput [0-9.]+ samples/s, \d+ tokens/s$", proc.stdout,
+                     re.M)
+    assert lines[-1] == (f"Wrote {run_dir}: best.params, final.params, checkpoints/ (2, "
+                         f"newest step-000000064), metrics.jsonl, TensorBoard events "
+                         f"(events.out.tfevents.*, by_tokens/, hparams/)")
+    assert (run_dir / "best.params").is_file() and list(run_dir.glob("events.out.*"))

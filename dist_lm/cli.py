@@ -239,7 +239,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from .runtime.dist import LocalWorld
-    from .tools.generate import format_text, sample_words
+    from .tools.generate import format_text, prompt_as_read, sample_words
     from .training.checkpoint import load_params
     from .model import build_model
 
@@ -249,7 +249,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     load_params(model, params, ctx)
     words = sample_words(model, vocab, ctx, args.words, args.temperature, args.prompt,
                          args.seed)
-    print(format_text(words))
+    print(format_text(prompt_as_read(vocab, args.prompt) + words))
     return 0
 
 
@@ -261,12 +261,19 @@ def cmd_report(args: argparse.Namespace) -> int:
         plot(runs, args.out)
     except OSError as err:
         raise UsageError(f"cannot write {args.out}: {err.strerror}") from None
+    from .tools.report import fmt
+
     print(f"{'run':<40} {'steps':>7} {'best val ppl':>13} {'test ppl':>9} "
-          f"{'tokens/s':>9} {'wall s':>8}")
+          f"{'last val ppl':>13} {'tokens/s':>9} {'train loop s':>13}")
     for d, rows in runs.items():
         s = summarize(d, rows)
-        print(f"{d:<40} {s['steps']:>7} {s['best_val_ppl']:>13.2f} {s['test_ppl']:>9.2f} "
-              f"{s['tokens_per_s']:>9.0f} {s['wall_time_s']:>8.1f}")
+        last = fmt(s["last_val_ppl"]) + ("*" if s["paused_val_ppl"] is not None else "")
+        print(f"{d:<40} {s['steps']:>7} {fmt(s['best_val_ppl']):>13} "
+              f"{fmt(s['test_ppl']):>9} {last:>13} {fmt(s['tokens_per_s'], '.0f'):>9} "
+              f"{fmt(s['loop_s'], '.1f'):>13}")
+    if any(summarize(d, rows)["paused_val_ppl"] is not None for d, rows in runs.items()):
+        print("* validated where --max-steps paused the run: information only (the best "
+              "and test perplexities come from epoch ends)")
     print(f"wrote {args.out}")
     return 0
 

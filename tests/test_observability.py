@@ -152,9 +152,12 @@ def test_generate_is_deterministic_and_in_vocabulary(two_rank_run):
                     "--context", "cpu", "--prompt", "The game") for _ in range(2)]
     assert all(p.returncode == 0 for p in outs), outs[0].stderr
     assert outs[0].stdout == outs[1].stdout
-    words = outs[0].stdout.replace("\n", " <eos> ").split()
-    assert len(words) in (30, 31)  # a trailing <eos> is printed as a line end
+    words = outs[0].stdout.split()
+    assert words[:2] == ["The", "game"] and len(words) == 32  # the prompt, then 30 words
     assert set(words) <= vocab
+    lines = outs[0].stdout.splitlines()
+    assert all(line.endswith(" <eos>") for line in lines[:-1])  # <eos> shown, ends a line
+    assert "<eos>" not in lines[-1][:-5]
     other = dist_lm("generate", "--run-dir", run_dir, "--words", "30", "--seed", "8",
                     "--context", "cpu", "--prompt", "The game")
     assert other.stdout != outs[0].stdout
@@ -169,7 +172,7 @@ def test_report_writes_a_png_and_a_summary(two_rank_run, tmp_path):
     data = out.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
     import matplotlib.image
-    assert matplotlib.image.imread(str(out)).shape[:2] == (420, 1500)
+    assert matplotlib.image.imread(str(out)).shape[:2] == (480, 1500)
     assert re.search(r"\s24\s+[0-9.]+\s+[0-9.]+\s+\d+", proc.stdout), proc.stdout
 
 

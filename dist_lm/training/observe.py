@@ -201,7 +201,7 @@ class Reporter:
         self.line(f"Paused by --max-steps at step {step} (epoch {epoch}, batch "
                   f"{batch}/{num_batches}): valid loss {loss:.2f}, valid ppl {ppl(loss):.2f}")
         self.record("valid", step, tokens, {"epoch": epoch, "val/loss": loss,
-                                            "val/ppl": ppl(loss)})
+                                            "val/ppl": ppl(loss), "paused": True})
 
     def test(self, step: int, tokens: int, loss: float) -> None:
         self.line(f"test loss {loss:.2f}, test ppl {ppl(loss):.2f}")

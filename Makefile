@@ -11,11 +11,15 @@ RUN_DIR ?= runs/wikitext2-2ranks
 CACHE_DIR ?= runs/.corpus-cache
 NP ?= 2
 EPOCHS ?= 3
-CONTROLLER ?= mpi
+# CONTROLLER (mpi or gloo) is passed on only when given: its default is
+# launch/train-workstation.sh's, mpi (docs/reliability.md).
+CONTROLLER ?=
 PYTEST_ARGS ?=
+SMOKE_DIR ?= runs/smoke
+SAMPLE := dist_lm/data/sample
 export VENV VARIANT
 
-.PHONY: setup setup-tests data train test test-fast bench image clean
+.PHONY: setup setup-tests data smoke train test test-fast bench image clean
 
 setup:
 	@bash launch/setup-env.sh
@@ -29,6 +33,16 @@ setup-tests:
 data: setup
 	@$(VENV)/bin/dist-lm data $(if $(DATA_DIR),--data-dir "$(DATA_DIR)")
 
+# The first run, about a minute on a laptop CPU: a small LSTM on the sample corpus the
+# package ships (made-up sentences, dist_lm/data/sample), one process, two epochs, in
+# SMOKE_DIR (started afresh each time). No download.
+smoke: setup
+	@rm -rf "$(SMOKE_DIR)"
+	@$(VENV)/bin/dist-lm train --train-file $(SAMPLE)/train.txt \
+	  --valid-file $(SAMPLE)/valid.txt --test-file $(SAMPLE)/test.txt --model custom \
+	  --embed-size 64 --hidden-size 64 --num-layers 1 --epochs 2 --log-interval 10 \
+	  --context cpu --cache-dir $(CACHE_DIR) --run-dir $(SMOKE_DIR) $(ARGS)
+
 # The main job, the reference notebook's: standard_lstm_lm_200 trained on WikiText-2's
 # training split for 3 epochs, validated on its valid split and tested on its test split,
 # as NP Horovod ranks sharing a global batch of 20 columns. mpirun starts the ranks (its
@@ -37,12 +51,9 @@ data: setup
 train: setup
 	@data_dir="$(DATA_DIR)"; [ -n "$$data_dir" ] || data_dir=$$($(VENV)/bin/dist-lm data) \
 	  || exit 2; \
-	echo "make train: $(NP) ranks, run directory $(RUN_DIR); watch it with:" \
-	  "$(VENV)/bin/tensorboard --logdir $(RUN_DIR)"; \
-	NP=$(NP) CONTROLLER=$(CONTROLLER) bash launch/train-workstation.sh \
+	NP=$(NP) $(if $(CONTROLLER),CONTROLLER=$(CONTROLLER)) bash launch/train-workstation.sh \
 	  --data-dir "$$data_dir" --global-batch-size 20 --epochs $(EPOCHS) \
 	  --cache-dir $(CACHE_DIR) --run-dir $(RUN_DIR) --resume auto $(ARGS)
-	@echo "make train: TensorBoard logs in $(RUN_DIR)"
 
 test: setup-tests
 	@DIST_LM_DATA_DIR="$(DATA_DIR)" $(VENV)/bin/python -m pytest $(PYTEST_ARGS)

@@ -11,7 +11,11 @@
     dist-lm launch LAUNCHER ARGS...   run mpirun/horovodrun so that the job ends whole
 
 `main(argv)` returns the exit code and is what tests call. Errors a user can cause print
-one line, `dist-lm: error: ...`, and exit 2 on every rank. A rank whose peer failed or
+one line and exit 2 on every rank: `dist-lm train: error: ...` for the command line
+(named by its subcommand, with "did you mean" for a near miss), `dist-lm: error: ...` for
+what the run found (files, data, checkpoints). `dist-lm train` also reads GluonNLP's
+word_language_model.py spellings and the underscore spellings of its own options
+(gluon_flags.py). A rank whose peer failed or
 stopped answering (Horovod shut down, a Gloo timeout or reset connection) prints one line
 and exits 4 at once, without the tracebacks MXNet's exit handlers would add.
 """
@@ -21,8 +25,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import difflib
 from typing import List, Optional
 
+from . import __version__
 from .config import add_config_args, config_from_args
 from .errors import (BenchFailed, NonFiniteError, Preempted, RanksOutOfSync, UsageError,
                      exit_code_of)
@@ -35,13 +41,53 @@ PEER_FAILURE = ("Horovod has been shut down", "HorovodInternalError", "Timed out
                 "gloo::", "Gloo")
 
 
+class CommandLineError(UsageError):
+    """A bad command line: printed as `PROG: error: MESSAGE`, PROG naming the subcommand."""
+
+    def __init__(self, prog: str, message: str):
+        super().__init__(message)
+        self.prog = prog
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, not usage + line
-        raise UsageError(f"{self.prog}: {message}")
+        raise CommandLineError(self.prog, message)
+
+
+def show_defaults(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Appends `(default: X)` to each option's help that has a default and does not
+    name it already (the train options name theirs, config.default_help)."""
+    for action in parser._actions:
+        default = action.default
+        if default in (None, False, argparse.SUPPRESS) or action.nargs == 0:
+            continue
+        text = action.help or ""
+        if "default" not in text:
+            action.help = (text + " " if text else "") + "(default: %(default)s)"
+    return parser
+
+
+def unrecognized(parser: argparse.ArgumentParser, extras: List[str]) -> str:
+    """argparse's "unrecognized arguments" with the option each unknown one is near."""
+    options = [s for a in parser._actions for s in a.option_strings if s.startswith("--")]
+    hints = []
+    for token in extras:
+        name = token.split("=")[0]
+        if not name.startswith("--"):
+            continue
+        dashed = name.replace("_", "-")
+        near = [dashed] if dashed in options else \
+            difflib.get_close_matches(name, options, n=1, cutoff=0.75)
+        hints += [f"{name} -> {near[0]}"] if near else []
+    message = "unrecognized arguments: " + " ".join(extras)
+    if len(hints) == 1:
+        return message + f" (did you mean {hints[0].split(' -> ')[1]}?)"
+    return message + (f" (did you mean: {', '.join(hints)}?)" if hints else "")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="dist-lm", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"dist-lm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     # Each option's help names its default itself (config.default_help): argparse's
@@ -53,35 +99,44 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: auto)")
 
     p = sub.add_parser("eval", help="evaluate a run's saved parameters on a text")
-    p.add_argument("--run-dir", required=True, help="the run directory of a training run")
-    p.add_argument("--params", default="auto",
+    p.add_argument("--run-dir", required=True, metavar="DIR",
+                   help="the run directory of a training run")
+    p.add_argument("--params", default="auto", metavar="{best,final,auto,FILE}",
                    help="'best', 'final', 'auto' (best when the run has one, else final), "
                         "or a .params file of the same model")
-    p.add_argument("--test-file", help="the text to evaluate on")
-    p.add_argument("--data-dir", help="a dataset directory (with --split)")
-    p.add_argument("--split", choices=("valid", "test"), default="test")
-    p.add_argument("--columns", type=int,
+    p.add_argument("--test-file", metavar="FILE", help="the text to evaluate on")
+    p.add_argument("--data-dir", metavar="DIR", help="a dataset directory (with --split)")
+    p.add_argument("--split", choices=("valid", "test"), default="test",
+                   help="which split of --data-dir to evaluate on, and whose evaluation "
+                        "layout (--columns) to use")
+    p.add_argument("--columns", type=int, metavar="N",
                    help="global BPTT columns (default: the run's layout for the split, "
                         "--eval-batch-size or --test-batch-size)")
-    p.add_argument("--context", default="auto", help="cpu, gpu, gpu:N or auto")
-    p.add_argument("--dist", choices=("auto", "local", "horovod"), default="auto")
+    p.add_argument("--context", default="auto", metavar="DEVICE",
+                   help="cpu, gpu, gpu:N or auto")
+    p.add_argument("--dist", choices=("auto", "local", "horovod"), default="auto",
+                   help="'auto' uses Horovod when started by horovodrun or mpirun")
 
     p = sub.add_parser("generate", help="sample text from a trained run")
-    p.add_argument("--run-dir", required=True, help="the run directory of a training run")
-    p.add_argument("--params", default="auto",
+    p.add_argument("--run-dir", required=True, metavar="DIR",
+                   help="the run directory of a training run")
+    p.add_argument("--params", default="auto", metavar="{best,final,auto,FILE}",
                    help="'best', 'final', 'auto' (best when the run has one, else final), "
                         "or a .params file")
-    p.add_argument("--words", type=int, default=50, help="how many words to sample")
-    p.add_argument("--temperature", type=float, default=1.0,
+    p.add_argument("--words", type=int, default=50, metavar="N",
+                   help="how many words to sample")
+    p.add_argument("--temperature", type=float, default=1.0, metavar="X",
                    help="below 1 sharpens the distribution, above 1 flattens it")
-    p.add_argument("--prompt", help="text to condition on (words outside the vocabulary "
-                                    "read as <unk>)")
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--context", default="auto", help="cpu, gpu, gpu:N or auto")
+    p.add_argument("--prompt", metavar="TEXT",
+                   help="text to condition on, printed first (words outside the "
+                        "vocabulary read as <unk>)")
+    p.add_argument("--seed", type=int, default=1, metavar="N", help="sampling seed")
+    p.add_argument("--context", default="auto", metavar="DEVICE",
+                   help="cpu, gpu, gpu:N or auto")
 
     p = sub.add_parser("report", help="plot and summarize one or more runs")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
-    p.add_argument("--out", default="report.png", help="the PNG to write")
+    p.add_argument("--out", default="report.png", metavar="FILE", help="the PNG to write")
 
     from .tools.bench import add_args as add_bench_args
     p = sub.add_parser("bench", help="throughput of the reference loop and of dist-lm")
@@ -113,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "stops every rank with a checkpoint, a failure ends in one line "
                             "naming the lost rank")
     p.add_argument("launcher", nargs=argparse.REMAINDER, metavar="LAUNCHER ARGS...")
+    for name, p in sub.choices.items():
+        if name != "launch":
+            show_defaults(p)
     return parser
 
 
@@ -182,7 +240,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from .runtime.dist import LocalWorld
-    from .tools.generate import format_text, sample_words
+    from .tools.generate import format_text, prompt_as_read, sample_words
     from .training.checkpoint import load_params
     from .model import build_model
 
@@ -192,7 +250,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     load_params(model, params, ctx)
     words = sample_words(model, vocab, ctx, args.words, args.temperature, args.prompt,
                          args.seed)
-    print(format_text(words))
+    print(format_text(prompt_as_read(vocab, args.prompt) + words))
     return 0
 
 
@@ -204,12 +262,19 @@ def cmd_report(args: argparse.Namespace) -> int:
         plot(runs, args.out)
     except OSError as err:
         raise UsageError(f"cannot write {args.out}: {err.strerror}") from None
+    from .tools.report import fmt
+
     print(f"{'run':<40} {'steps':>7} {'best val ppl':>13} {'test ppl':>9} "
-          f"{'tokens/s':>9} {'wall s':>8}")
+          f"{'last val ppl':>13} {'tokens/s':>9} {'train loop s':>13}")
     for d, rows in runs.items():
         s = summarize(d, rows)
-        print(f"{d:<40} {s['steps']:>7} {s['best_val_ppl']:>13.2f} {s['test_ppl']:>9.2f} "
-              f"{s['tokens_per_s']:>9.0f} {s['wall_time_s']:>8.1f}")
+        last = fmt(s["last_val_ppl"]) + ("*" if s["paused_val_ppl"] is not None else "")
+        print(f"{d:<40} {s['steps']:>7} {fmt(s['best_val_ppl']):>13} "
+              f"{fmt(s['test_ppl']):>9} {last:>13} {fmt(s['tokens_per_s'], '.0f'):>9} "
+              f"{fmt(s['loop_s'], '.1f'):>13}")
+    if any(summarize(d, rows)["paused_val_ppl"] is not None for d, rows in runs.items()):
+        print("* validated where --max-steps paused the run: information only (the best "
+              "and test perplexities come from epoch ends)")
     print(f"wrote {args.out}")
     return 0
 
@@ -258,7 +323,7 @@ def cmd_launch(argv: List[str]) -> int:
         if not launcher:
             raise UsageError("no launcher given: dist-lm launch [OPTIONS] mpirun ...")
     except UsageError as err:
-        print(f"dist-lm: error: {err}", file=sys.stderr)
+        print(f"dist-lm launch: error: {err}", file=sys.stderr)
         return 2
     if cfg.elastic:
         from .runtime.elastic import run_elastic
@@ -287,7 +352,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     with exit_record() as outcome:
         try:
             configure_process()  # threads, allocator, MPI waiting: before MXNet and MPI
-            args = build_parser().parse_args(argv)
+            args = parse(argv)
             commands = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate,
                         "report": cmd_report, "bench": cmd_bench,
                         "bench-scale": cmd_bench_scale, "bench-net": cmd_bench_net,
@@ -297,7 +362,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             rank = os.environ.get("HOROVOD_RANK", os.environ.get("OMPI_COMM_WORLD_RANK"))
             where = f"[rank {rank}] " if rank is not None else ""
             kind = "stopped" if isinstance(err, Preempted) else "error"
-            say(f"dist-lm: {kind}: {where}{err}")  # one write: see lifecycle.say
+            prog = getattr(err, "prog", "dist-lm")
+            say(f"{prog}: {kind}: {where}{err}")  # one write: see lifecycle.say
             code = exit_code_of(err) if isinstance(err, UsageError) else err.exit_code
             outcome.set(code, str(err), kind)
         except RuntimeError as err:  # MXNetError, HorovodInternalError: RuntimeErrors
@@ -307,6 +373,34 @@ def main(argv: Optional[List[str]] = None) -> int:
             exit_now(f"lost a peer rank: {reason}")
             raise  # not reached
     return outcome.code
+
+
+def parse(argv: List[str]) -> argparse.Namespace:
+    """The command line, with `train`'s other spellings read (gluon_flags.py) and each
+    unknown option named with the one it is near."""
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command == "train" and "-h" not in argv and "--help" not in argv:
+        from .gluon_flags import translate
+
+        train = sub.choices["train"]
+        at = argv.index("train")
+        own = [s for a in train._actions for s in a.option_strings]
+        try:
+            rest, notes = translate(argv[at + 1:], own)
+        except UsageError as err:
+            raise CommandLineError(train.prog, str(err)) from None
+        argv = argv[:at + 1] + rest
+        rank = os.environ.get("HOROVOD_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0"))
+        for note in notes if rank == "0" else ():
+            print(f"dist-lm train: word_language_model.py's model options read as {note}",
+                  flush=True)
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        which = sub.choices.get(args.command, parser)
+        raise CommandLineError(which.prog, unrecognized(which, extras))
+    return args
 
 
 def peer_failure(err: BaseException):

@@ -136,7 +136,8 @@ class RunConfig:
     epochs: int = opt(3, "passes over the training split")
     max_steps: Optional[int] = opt(None, "stop after this many optimizer steps in all",
                                    shown="no limit")
-    log_interval: int = opt(200, "steps between log lines")
+    log_interval: int = opt(200, "steps between log lines; an epoch of fewer steps logs "
+                                 "once, at its end")
     seed: int = opt(1, "random seed (parameters, dropout)")
     eval_first: bool = opt(False, "evaluate the validation split once before training")
     context: str = opt("auto", "'cpu', 'gpu' or 'gpu:N', or 'auto' (a GPU when present)")
@@ -357,6 +358,14 @@ def default_help(group: str, f: dataclasses.Field) -> str:
     return f" ({'; '.join(parts)})" if parts else ""
 
 
+def metavar(name: str, tp: Any) -> str:
+    """What `--help` shows a field's value as: what it is, not its type's letter."""
+    if tp is str:
+        return {"model": "MODEL", "context": "DEVICE", "resume": "{auto,none,DIR}"}.get(
+            name, "DIR" if name.endswith("_dir") else "FILE")
+    return {int: "N", float: "X"}[tp]
+
+
 def add_config_args(parser: argparse.ArgumentParser) -> None:
     """Adds one flag per Config field; defaults are None so explicit flags can be told
     apart (their help names the real default, `default_help`)."""
@@ -373,7 +382,7 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
                 kwargs["action"] = argparse.BooleanOptionalAction
             else:
                 kwargs["type"] = tp
-                kwargs["metavar"] = {int: "N", float: "X", str: "S"}[tp]
+                kwargs["metavar"] = metavar(f.name, tp)
                 if f.metadata.get("choices"):
                     kwargs["choices"] = f.metadata["choices"]
                     kwargs.pop("metavar")
@@ -501,12 +510,14 @@ def launch_parser() -> argparse.ArgumentParser:
     for f in dataclasses.fields(LaunchConfig):
         tp = _base_type(hints[f.name])
         shown = f.metadata["shown"] or f.default
+        shown = " ".join(map(str, shown)) if isinstance(shown, tuple) else shown
         kwargs: dict = {"dest": f.name, "default": f.default,
                         "help": f"{f.metadata['help']} (default: {shown})"}
         if tp is tuple:
             kwargs.update(nargs=2, type=float, metavar=("MIN", "MAX"))
         else:
-            kwargs.update(type=tp, metavar={int: "N", float: "S", str: "PATH"}[tp])
+            kwargs.update(type=tp, metavar={int: "N", str: "FILE"}.get(
+                tp, "MINUTES" if f.name.endswith("minutes") else "SECONDS"))
         parser.add_argument(_flag(f.name), **kwargs)
     parser.add_argument("launcher", nargs=argparse.REMAINDER,
                         help="the launcher's command line: mpirun ... dist-lm train ...")

@@ -96,7 +96,9 @@ def test_bad_input_one_line_exit_2(case, files, tmp_path):
     proc = dist_lm("train", *TINY, *args, timeout=120)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("dist-lm: error: "), proc.stderr
+    # The command line's errors name the subcommand, the run's name the program.
+    prefix = "dist-lm train: error: " if case == "unknown flag" else "dist-lm: error: "
+    assert len(lines) == 1 and lines[0].startswith(prefix), proc.stderr
     assert re.search(message, lines[0]), lines[0]
     assert "Traceback" not in proc.stderr
 
@@ -134,3 +136,24 @@ def test_a_checkpoint_of_another_format_is_refused_not_skipped(trained_run, held
     assert len(lines) == 1 and "has format 1, written by another version" in lines[0], \
         proc.stderr
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before
+
+
+@pytest.mark.medium
+@pytest.mark.parametrize("split, flags, fix", [
+    ("valid", [], "use a smaller --eval-batch-size or --bptt"),
+    ("test", ["--eval-batch-size", "1", "--test-batch-size", "20"],
+     "use a smaller --test-batch-size (default: --eval-batch-size) or --bptt"),
+    ("train", ["--global-batch-size", "20"], "use a smaller --global-batch-size or --bptt"),
+    ("train", ["--batch-size", "20"], "use a smaller --batch-size or --bptt, or fewer ranks"),
+])
+def test_a_split_too_small_names_the_option_that_fits_it(split, flags, fix, tmp_path):
+    """Fewer ranks do not help where the columns are global (evaluation, a global
+    batch): the line names only the options that do."""
+    small = write(tmp_path / "small.txt", b"a few words of text here\n" * 40)  # 280 tokens
+    files = {"train": VALID, "valid": VALID, "test": VALID, split: small}
+    proc = dist_lm("train", *TINY, *data_args(files["train"], files["valid"], files["test"]),
+                   *flags, "--run-dir", tmp_path / "run", timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith(f"dist-lm: error: the {split} split has 280 tokens") and \
+        line.endswith(fix), line

@@ -93,3 +93,32 @@ def test_defaults_set_by_the_model_preset_or_the_recipe_say_so():
     awd = parse_config("--model", "awd_lstm_lm_600")
     assert f"awd recipe: {awd.run.bptt}" in shown["--bptt"]
     assert f"awd recipe: {awd.optim.lr_update_interval}" in shown["--lr-update-interval"]
+
+
+def test_version():
+    from dist_lm import __version__
+
+    proc = dist_lm("--version")
+    assert proc.returncode == 0 and proc.stdout.strip() == f"dist-lm {__version__}"
+
+
+def test_the_other_subcommands_show_their_defaults_and_name_their_values():
+    """Every option with a default says it; no value is shown as a bare type letter."""
+    for command in ("eval", "generate", "report", "bench", "bench-scale", "bench-net",
+                    "launch", "train"):
+        args = (command, "--help") if command != "eval" else ("eval", "-h")
+        proc = dist_lm(*args)
+        assert proc.returncode == 0, proc.stderr
+        assert not re.search(r"--[a-z-]+ S\b", proc.stdout), (command, proc.stdout)
+        assert "(default: None)" not in proc.stdout and "(default: (" not in proc.stdout
+    shown = options(dist_lm("generate", "--help").stdout)
+    assert "(default: 50)" in shown["--words"] and "(default: auto)" in shown["--params"]
+    assert shown["--run-dir"].startswith("--run-dir DIR")
+    shown = options(dist_lm("eval", "--help").stdout)
+    assert "which split" in shown["--split"] and "(default: test)" in shown["--split"]
+    assert "(default: report.png)" in options(dist_lm("report", "--help").stdout)["--out"]
+    assert "(default: 60.0 600.0)" in " ".join(dist_lm("launch", "--help").stdout.split())
+    train = options(dist_lm("train", "--help").stdout)
+    assert train["--run-dir"].startswith("--run-dir DIR")
+    assert train["--train-file"].startswith("--train-file FILE")
+    assert train["--model"].startswith("--model MODEL")

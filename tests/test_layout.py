@@ -20,7 +20,7 @@ LAYERS = [
     {"dist_lm.data"},
     {"dist_lm.training"},
     {"dist_lm.tools"},
-    {"dist_lm.cli", "dist_lm.__init__"},
+    {"dist_lm.cli", "dist_lm.gluon_flags", "dist_lm.__init__"},
 ]
 SUBPACKAGES = ["runtime", "data", "training", "tools"]
 

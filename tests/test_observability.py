@@ -10,7 +10,7 @@ import urllib.request
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import BIN, TINY, VALID, data_args, dist_lm, launcher, records, run
+from conftest import BIN, REPO, TINY, VALID, data_args, dist_lm, launcher, records, run
 
 SCALARS = ["train/loss", "train/ppl", "train/lr", "train/grad_norm", "train/clipped_fraction",
            "throughput/tokens_per_s", "throughput/samples_per_s",
@@ -152,9 +152,14 @@ def test_generate_is_deterministic_and_in_vocabulary(two_rank_run):
                     "--context", "cpu", "--prompt", "The game") for _ in range(2)]
     assert all(p.returncode == 0 for p in outs), outs[0].stderr
     assert outs[0].stdout == outs[1].stdout
-    words = outs[0].stdout.replace("\n", " <eos> ").split()
-    assert len(words) in (30, 31)  # a trailing <eos> is printed as a line end
+    words = outs[0].stdout.split()
+    # The prompt as the model read it, then 30 words.
+    assert words[:2] == [w if w in vocab else "<unk>" for w in ("The", "game")]
+    assert len(words) == 32
     assert set(words) <= vocab
+    lines = outs[0].stdout.splitlines()
+    assert all(line.endswith(" <eos>") for line in lines[:-1])  # <eos> shown, ends a line
+    assert "<eos>" not in lines[-1][:-5]
     other = dist_lm("generate", "--run-dir", run_dir, "--words", "30", "--seed", "8",
                     "--context", "cpu", "--prompt", "The game")
     assert other.stdout != outs[0].stdout
@@ -169,7 +174,7 @@ def test_report_writes_a_png_and_a_summary(two_rank_run, tmp_path):
     data = out.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
     import matplotlib.image
-    assert matplotlib.image.imread(str(out)).shape[:2] == (420, 1500)
+    assert matplotlib.image.imread(str(out)).shape[:2] == (480, 1500)
     assert re.search(r"\s24\s+[0-9.]+\s+[0-9.]+\s+\d+", proc.stdout), proc.stdout
 
 
@@ -201,3 +206,32 @@ def test_device_syncs_happen_on_log_steps_only(heldout, tmp_path, monkeypatch):
         train(config_from_args(build_parser().parse_args(argv)), LocalWorld())
         counts.append(reads["n"])
     assert counts[0] == counts[1], counts
+
+
+SAMPLE = [REPO / "dist_lm" / "data" / "sample" / f"{split}.txt"
+          for split in ("train", "valid", "test")]
+
+
+@pytest.mark.medium
+def test_a_short_run_says_where_it_writes_logs_each_epoch_once_and_lists_its_files(tmp_path):
+    """The default --log-interval (200) is longer than the sample corpus's 32-step epoch:
+    each epoch logs once, at its end, with tokens/s beside samples/s."""
+    run_dir = tmp_path / "run"
+    proc = dist_lm("train", *data_args(*SAMPLE), *TINY, "--epochs", "2", "--run-dir", run_dir,
+                   timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == (f"Run directory {run_dir} (1 rank); watch it with: "
+                        f"tensorboard --logdir {run_dir}")
+    logged = re.findall(r"^\[Epoch (\d) Batch (\d+)/(\d+)\] loss [0-9.]+, ppl [0-9.]+, "
+                        r"throughput [0-9.]+ samples/s, (\d+) tokens/s$", proc.stdout, re.M)
+    assert [(e, b, n) for e, b, n, _ in logged] == [("0", "32", "32"), ("1", "32", "32")]
+    rows = records(run_dir, "train")
+    assert [r["step"] for r in rows] == [32, 64]
+    assert [int(t) for *_, t in logged] == [round(r["throughput/tokens_per_s"]) for r in rows]
+    assert re.search(r"^\[Epoch 1\] throughput [0-9.]+ samples/s, \d+ tokens/s$", proc.stdout,
+                     re.M)
+    assert lines[-1] == (f"Wrote {run_dir}: best.params, final.params, checkpoints/ (2, "
+                         f"newest step-000000064), metrics.jsonl, TensorBoard events "
+                         f"(events.out.tfevents.*, by_tokens/, hparams/)")
+    assert (run_dir / "best.params").is_file() and list(run_dir.glob("events.out.*"))

@@ -47,8 +47,14 @@ def eval_columns(cfg: Config) -> Dict[str, int]:
             "test": cfg.run.test_batch_size or cfg.run.eval_batch_size}
 
 
+# What makes a split's columns fit it: fewer ranks help only where the global columns
+# grow with the rank count (--batch-size per rank).
+FIXES = {"valid": "a smaller --eval-batch-size or --bptt",
+         "test": "a smaller --test-batch-size (default: --eval-batch-size) or --bptt"}
+
+
 def load_corpus(cfg: Config, world: World, need=("train", "valid", "test"),
-                vocab=None) -> Corpus:
+                vocab=None, fixes: Optional[Dict[str, str]] = None) -> Corpus:
     """Maps each split's token ids from the corpus cache (built on first use, by whichever
     rank gets there first while the others wait on its lock), takes the vocabulary of
     the training split (or the one given: a run's, from its --run-dir), checks that every
@@ -80,11 +86,15 @@ def load_corpus(cfg: Config, world: World, need=("train", "valid", "test"),
     if problem:
         raise UsageError(problem)
     total = dict(eval_columns(cfg), train=cfg.global_columns(world.size))
+    fixes = fixes or {}
 
     def shard(name: str) -> D.ColumnShard:
         columns = D.column_range(total[name], world.rank, world.size)
+        fix = fixes.get(name) or FIXES.get(name) or (
+            "a smaller --global-batch-size or --bptt" if cfg.run.global_batch_size
+            else "a smaller --batch-size or --bptt, or fewer ranks")
         return D.layout_columns(ids[name], total[name], columns, cfg.run.bptt,
-                                what=f"{name} split")
+                                what=f"{name} split", fix=fix)
 
     shards = run_everywhere(world, lambda: {n: shard(n) for n in need}, "shard")
     return Corpus(vocab, vocab_json, shards.get("train"), shards.get("valid"),

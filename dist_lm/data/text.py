@@ -164,14 +164,15 @@ def column_range(total: int, rank: int, ranks: int) -> range:
 
 
 def layout_columns(ids: np.ndarray, total: int, columns: range, bptt: int,
-                   what: str = "corpus") -> ColumnShard:
-    """Columns `columns` of the layout of `ids` over `total` columns, as (L, len(columns))."""
+                   what: str = "corpus",
+                   fix: str = "a smaller --batch-size or --bptt, or fewer ranks") -> ColumnShard:
+    """Columns `columns` of the layout of `ids` over `total` columns, as (L, len(columns)).
+    fix: the options that make a too-small split fit, for the error."""
     length = len(ids) // total
     if (length - 1) // bptt < 1:
         raise UsageError(
             f"the {what} has {len(ids)} tokens, too few for one batch of {total} columns x "
-            f"{bptt + 1} tokens ({total * (bptt + 1)} needed); use a smaller --batch-size "
-            f"or --bptt, or fewer ranks")
+            f"{bptt + 1} tokens ({total * (bptt + 1)} needed); use {fix}")
     mine = ids[columns.start * length:columns.stop * length]
     # (c, L) row-major is c contiguous columns: a view, nothing is copied.
     return ColumnShard(mine.reshape(len(columns), length), bptt)

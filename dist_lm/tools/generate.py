@@ -1,7 +1,9 @@
 """`dist-lm generate`: sample text from a trained run's parameters.
 
 One process on one device; the same seed gives the same words on any machine and any
-rank count, because sampling draws from NumPy's generator on the host.
+rank count, because sampling draws from NumPy's generator on the host. The output is the
+prompt as the model read it (a word outside the vocabulary as <unk>), then the sampled
+words; an `<eos>` (the end of a line of the training text) is printed and ends the line.
 """
 
 from __future__ import annotations
@@ -39,5 +41,13 @@ def sample_words(model, vocab, ctx: mx.Context, words: int, temperature: float,
     return out
 
 
+def prompt_as_read(vocab, prompt: Optional[str]) -> List[str]:
+    """The prompt's words as the model reads them: unknown ones as the vocabulary's
+    unknown token."""
+    words = prompt.split() if prompt else []
+    return [vocab.idx_to_token[i] for i in vocab[words]] if words else []
+
+
 def format_text(words: List[str]) -> str:
-    return " ".join(words).replace(f" {EOS} ", "\n").replace(EOS, "\n").strip()
+    """Words on lines: each `<eos>` is shown and ends its line."""
+    return " ".join(words).replace(f"{EOS} ", f"{EOS}\n").strip()

@@ -51,7 +51,8 @@ def evaluate_run(cfg, world: World, params_file: str, split: str, vocab,
 
     cfg.run.eval_batch_size = cfg.run.test_batch_size = columns
     ctx = world.context(cfg.run.context)
-    corpus = load_corpus(cfg, world, need=(split,), vocab=vocab)
+    corpus = load_corpus(cfg, world, need=(split,), vocab=vocab,
+                         fixes={split: "a smaller --columns"})
     model = build_model(cfg.model, len(vocab))
     load_params(model, params_file, ctx)
     return Evaluator(model, getattr(corpus, split), columns, world, ctx).loss()

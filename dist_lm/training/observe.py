@@ -142,7 +142,7 @@ class Reporter:
             values.update({"train/objective": s.loss + s.ar + s.tar, "train/ar": s.ar,
                            "train/tar": s.tar})
         self.line(f"[Epoch {s.epoch} Batch {s.batch}/{s.num_batches}] {objective}, "
-                  f"throughput {s.samples_per_s:.2f} samples/s")
+                  f"throughput {s.samples_per_s:.2f} samples/s, {s.tokens_per_s:.0f} tokens/s")
         self.record("train", s.step, s.tokens, {
             "epoch": s.epoch, "batch": s.batch, **values, "train/lr": s.lr,
             "train/grad_norm": s.grad_norm, "train/clipped_fraction": s.clipped,
@@ -178,8 +178,9 @@ class Reporter:
             self.bar.set_description(f"epoch {epoch}")
 
     def epoch_end(self, epoch: int, step: int, tokens: int, seconds: float,
-                  samples_per_s: float) -> None:
-        self.line(f"[Epoch {epoch}] throughput {samples_per_s:.2f} samples/s")
+                  samples_per_s: float, tokens_per_s: float) -> None:
+        self.line(f"[Epoch {epoch}] throughput {samples_per_s:.2f} samples/s, "
+                  f"{tokens_per_s:.0f} tokens/s")
         self.record("epoch", step, tokens, {"epoch": epoch, "time/epoch_s": seconds,
                                             "throughput/epoch_samples_per_s": samples_per_s})
 
@@ -200,7 +201,7 @@ class Reporter:
         self.line(f"Paused by --max-steps at step {step} (epoch {epoch}, batch "
                   f"{batch}/{num_batches}): valid loss {loss:.2f}, valid ppl {ppl(loss):.2f}")
         self.record("valid", step, tokens, {"epoch": epoch, "val/loss": loss,
-                                            "val/ppl": ppl(loss)})
+                                            "val/ppl": ppl(loss), "paused": True})
 
     def test(self, step: int, tokens: int, loss: float) -> None:
         self.line(f"test loss {loss:.2f}, test ppl {ppl(loss):.2f}")
@@ -217,8 +218,15 @@ class Reporter:
                   f"saving the average of the parameters from here")
         self.record("ntasgd", step, tokens, {"epoch": epoch, "ntasgd/trigger_step": step})
 
-    def done(self, step: int, tokens: int, seconds: float, samples_per_s: float) -> None:
-        self.line(f"Total training throughput {samples_per_s:.2f} samples/s")
+    def started(self, ranks: int) -> None:
+        """The first line of a run: where its files go and how to watch them."""
+        self.line(f"Run directory {self.run_dir} ({ranks} rank{'s' if ranks != 1 else ''}); "
+                  f"watch it with: tensorboard --logdir {self.run_dir}")
+
+    def done(self, step: int, tokens: int, seconds: float, samples_per_s: float,
+             tokens_per_s: float = math.nan) -> None:
+        self.line(f"Total training throughput {samples_per_s:.2f} samples/s, "
+                  f"{tokens_per_s:.0f} tokens/s")
         self.best["wall_time_s"] = seconds
         self.record("done", step, tokens, {"time/total_s": seconds,
                                            "throughput/total_samples_per_s": samples_per_s})
@@ -226,6 +234,21 @@ class Reporter:
             self.writer.add_hparams(_flat_hparams(self.config),
                                     {f"hparam/{k}": v for k, v in self.best.items()},
                                     name="hparams", global_step=step)
+
+    def wrote(self) -> None:
+        """The last line of a finished run: what is in its run directory."""
+        if self.run_dir is None:
+            return
+        d = self.run_dir
+        names = [n for n in ("best.params", "final.params") if os.path.isfile(os.path.join(d, n))]
+        ckpt = os.path.join(d, "checkpoints")
+        steps = sorted(n for n in os.listdir(ckpt) if n.startswith("step-")) \
+            if os.path.isdir(ckpt) else []
+        if steps:
+            names.append(f"checkpoints/ ({len(steps)}, newest {steps[-1]})")
+        names += ["metrics.jsonl", "TensorBoard events (events.out.tfevents.*, by_tokens/, "
+                  "hparams/)"]
+        self.line(f"Wrote {d}: {', '.join(names)}")
 
     def close(self) -> None:
         """Flushes and closes everything; safe to call twice (normal exit, error, SIGTERM)."""
@@ -283,7 +306,11 @@ class QuietReporter(Reporter):
     def record(self, kind: str, step: int, tokens: int, values: Dict[str, float]) -> None:
         pass
 
-    def done(self, step: int, tokens: int, seconds: float, samples_per_s: float) -> None:
+    def done(self, step: int, tokens: int, seconds: float, samples_per_s: float,
+             tokens_per_s: float = math.nan) -> None:
+        pass
+
+    def wrote(self) -> None:
         pass
 
 

@@ -155,6 +155,7 @@ def train_in(run_dir, cfg: Config, world: World, ctx: mx.Context) -> dict:
     run.reporter = make_reporter(world.is_root, cfg.run.run_dir, cfg.to_dict(),
                                  windows.num_batches, resume_step=parts.progress.step,
                                  resume_tokens=run.tokens())
+    run.reporter.started(world.size)
     run.reporter.world(progress.step, run.tokens(), world.size, selfreport.world())
     selfreport.describe("training", lambda: {"step": progress.step,
                                              "checkpoint": checkpointer.newest_step})
@@ -197,7 +198,10 @@ def fit(run: Run, states) -> dict:
     seconds = time.time() - start
     save_params(run, "final.params")
     samples = run.global_columns * (p.step - first_step)
-    run.reporter.done(p.step, run.tokens(), seconds, samples / max(seconds, 1e-9))
+    rows = run.windows.rows(p) / max(p.step, 1)  # bptt, or the mean drawn length
+    run.reporter.done(p.step, run.tokens(), seconds, samples / max(seconds, 1e-9),
+                      samples * rows / max(seconds, 1e-9))
+    run.reporter.wrote()
     return {"steps": p.step, "best_val_loss": run.schedule.best_val,
             "test_loss": p.test_loss, "seconds": seconds,
             "nonfinite_steps": run.meter.nonfinite_steps}
@@ -219,7 +223,10 @@ def train_step(run: Run, states):
     run.watchdog.beat()
     if cfg.dist.check_sync_interval and p.step % cfg.dist.check_sync_interval == 0:
         run.world.check_in_sync(run.model.collect_params(), p.step)
-    if run.meter.steps == cfg.run.log_interval:
+    # An epoch of fewer steps than --log-interval logs once, at its end: a short run
+    # shows its loss.
+    short = cfg.run.log_interval > run.windows.num_batches and run.windows.done(p)
+    if run.meter.steps == cfg.run.log_interval or (short and run.meter.steps):
         interval = run.meter.close()
         samples_per_s = run.global_columns * interval.timed_steps / interval.seconds
         rows_per_step = run.windows.rows(p) / p.step  # bptt, or the mean drawn length
@@ -240,8 +247,9 @@ def end_epoch(run: Run, train_seconds: float, steps: int) -> None:
     run.meter.close()  # the steps after the last log line are checked here
     run.terms.close()
     if steps:
-        run.reporter.epoch_end(p.epoch, p.step, run.tokens(), train_seconds,
-                               run.global_columns * steps / train_seconds)
+        samples_per_s = run.global_columns * steps / train_seconds
+        run.reporter.epoch_end(p.epoch, p.step, run.tokens(), train_seconds, samples_per_s,
+                               samples_per_s * run.windows.rows(p) / max(p.step, 1))
     started = time.time() - train_seconds
     # A stop agreed during evaluation checkpoints this point: the epoch trained, its
     # validation still due.

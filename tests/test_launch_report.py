@@ -307,13 +307,14 @@ def test_a_dist_lm_rank_reports_its_start_and_its_end_when_asked():
     done = run([BIN / "dist-lm", "train", "--no-such-flag"], env=RANK1, timeout=120)
     assert done.returncode == 2
     lines = done.stderr.splitlines()
-    (human,) = [x for x in lines if x.startswith("dist-lm: error: [rank 1] ")]
+    # The command line's error names the subcommand (cli.py).
+    (human,) = [x for x in lines if x.startswith("dist-lm train: error: [rank 1] ")]
     assert len(lines) == 3, done.stderr
     begin, end = records_in(done.stderr)  # in this order, the human line between
     assert begin == {"event": "start", "rank": 1, "size": 2, "host": HOST,
                      "pid": begin["pid"]} and begin["pid"] > 0
     assert end == {**begin, "event": "exit", "code": 2, "kind": "error", "signalled": False,
-                   "reason": human.removeprefix("dist-lm: error: [rank 1] ")}
+                   "reason": human.removeprefix("dist-lm train: error: [rank 1] ")}
 
 
 def test_a_rank_writes_no_record_unless_asked():

@@ -5,9 +5,11 @@ The torchrun model, not Horovod's in-process reset (which Horovod 0.28.1 has no 
 state for): each world is one launch of mpirun or horovodrun, supervised as launch.py
 supervises any launch, with `-np N -H host:slots,...` chosen here from the discovery
 script's hosts (discovery.py). The training command resumes with `--resume auto` and
-trains a global batch (`--global-batch-size G`: G columns over any N <= G ranks), so a
-world of any size takes the steps that one process would, and an elastic run ends with
-the numbers of an uninterrupted one, up to float noise (docs/reliability.md).
+trains a global batch (`--global-batch-size G`: G columns over any N <= G ranks), whose
+dropout masks belong to its columns, so a world of any size takes the steps that one
+process would, and an elastic run ends with the numbers of an uninterrupted one, up to
+float noise, under the conditions of docs/reliability.md ("When the numbers do not
+depend on N"), which the supervisor checks.
 
 - A world ends with a lost rank or host: the hosts its report names as lost (jobreport:
   unreachable, killed, a pod stopped by its preStop hook) sit out their cooldown, and the

@@ -36,13 +36,13 @@ def test_a_seed_draws_one_sequence_and_another_seed_another():
 @pytest.mark.parametrize("nodes,min_np", [(4, 2), (6, 2), (3, 1)])
 def test_the_drawn_faults_respect_the_state_they_leave(nodes, min_np):
     """heal only a partitioned node, sshd-start only a stopped sshd, never node1 cut
-    off, never more than nodes - min_np - 1 nodes down at once."""
+    off nor given the preStop hook, never more than nodes - min_np - 1 nodes down at once."""
     for seed in range(200):
         down = {}
         for f in draw(seed, 30, nodes, min_np, list(KINDS)):
             kind, node = f["kind"], f["node"]
             assert 0.5 <= f["gap"] <= 1.5
-            if kind in ("partition", "sshd-stop", "return-during-restart"):
+            if kind in ("partition", "sshd-stop", "return-during-restart", "prestop"):
                 assert node != "node1" and node not in down
             if kind == "partition":
                 down[node] = "partition"

@@ -34,7 +34,7 @@ schedule.json; `--replay FILE` runs a written sequence again), one every --durat
 
 At most N - --min-np - 1 nodes are down at once (partitioned or without sshd), so that
 a node sitting out its cooldown leaves --min-np; node1, which holds the supervisor (the
-launcher pod), is never cut off. After the last fault every node is healed and the job
+launcher pod), is never cut off nor given the worker's preStop hook. After the last fault every node is healed and the job
 runs to its end. Then it checks, prints and exits non-zero if any check fails:
 
 - the job finished (exit 0, final.params);
@@ -159,7 +159,10 @@ def draw(seed: int, count: int, nodes: int, min_np: int, kinds: List[str]) -> Li
             "partition": cuttable, "return-during-restart": cuttable, "sshd-stop": cuttable,
             "heal": sorted(n for n, how in down.items() if how == "partition"),
             "sshd-start": sorted(n for n, how in down.items() if how == "sshd"),
-            "kill-rank": up, "prestop": up,
+            # Not node1's: the hook signals every `dist-lm train` command line in its
+            # node, and node1's hold the supervisor's and mpirun's (the launcher pod,
+            # which has no such hook).
+            "kill-rank": up, "prestop": [n for n in up if n != "node1"],
         }
         options = [k for k in kinds if applies.get(k, [None])]
         if not options:

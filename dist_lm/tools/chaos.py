@@ -792,13 +792,13 @@ def run(args: argparse.Namespace) -> int:
             job = Job(cluster, argv, job_env, logs)
             campaign = Campaign(args, cluster, storage, job, run_dir, say)
             faults = campaign_loop(args, sched, campaign, job, say)
+            end = time.time()   # the last fault's window ends here: then all is healed
             campaign.heal_all()
             code = job.wait(args.duration + 900)
             if code is None:
                 say("chaos: the job did not end in time; ending it")
                 job.kill()
                 code = -9
-            end = time.time()
             summary = check(args, cluster, job, code, run_dir, reference, faults, end)
             copy_run(run_dir, work / "run")
         say(table(summary, faults[0].time if faults else end))

@@ -34,8 +34,9 @@ schedule.json; `--replay FILE` runs a written sequence again), one every --durat
 
 At most N - --min-np - 1 nodes are down at once (partitioned or without sshd), so that
 a node sitting out its cooldown leaves --min-np; node1, which holds the supervisor (the
-launcher pod), is never cut off nor given the worker's preStop hook. After the last fault every node is healed and the job
-runs to its end. Then it checks, prints and exits non-zero if any check fails:
+launcher pod), is never cut off nor given the worker's preStop hook. After the last
+fault every node is healed and the job runs to its end. Then it checks, prints and exits
+non-zero if any check fails:
 
 - the job finished (exit 0, final.params);
 - its final parameters are within --tolerance of one uninterrupted process with the same

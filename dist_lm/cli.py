@@ -7,6 +7,7 @@
     dist-lm bench --train-file F      throughput of the reference loop and of dist-lm
     dist-lm bench-scale --dir D       start-up and memory at WikiText-103 size
     dist-lm bench-net --train-file F  the allreduce across simulated nodes, shaped links
+    dist-lm chaos [--seed S]          an elastic job on simulated nodes under random faults
     dist-lm data [--data-dir D]       where WikiText-2 is, fetched (sha1-verified) if missing
     dist-lm launch LAUNCHER ARGS...   run mpirun/horovodrun so that the job ends whole
 
@@ -151,6 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench-net", help="the gradient allreduce across simulated nodes "
                                          "with shaped links (root)")
     add_net_args(p)
+
+    from .tools.chaos import add_args as add_chaos_args
+    p = sub.add_parser("chaos", help="an elastic job on simulated nodes under random "
+                                     "faults, checked against an uninterrupted run (root)")
+    add_chaos_args(p)
 
     p = sub.add_parser("data", help="print where a dataset's splits are, fetched "
                                     "(sha1-verified) when missing",
@@ -297,6 +303,12 @@ def cmd_bench_net(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_chaos(args: argparse.Namespace) -> int:
+    from .tools.chaos import run
+
+    return run(args)
+
+
 def cmd_data(args: argparse.Namespace) -> int:
     from .data.datasets import find_dataset
 
@@ -356,7 +368,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             commands = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate,
                         "report": cmd_report, "bench": cmd_bench,
                         "bench-scale": cmd_bench_scale, "bench-net": cmd_bench_net,
-                        "data": cmd_data}
+                        "chaos": cmd_chaos, "data": cmd_data}
             outcome.set(commands[args.command](args))
         except (UsageError, RanksOutOfSync, NonFiniteError, Preempted, BenchFailed) as err:
             rank = os.environ.get("HOROVOD_RANK", os.environ.get("OMPI_COMM_WORLD_RANK"))

@@ -16,6 +16,15 @@ class RunDirBusy(UsageError):
     exit_code = 5
 
 
+class RunDirLost(UsageError):
+    """The run directory's lock no longer names this job (another job took it, or its lock
+    file was removed): exit code 6. Rank 0 stops before it renames, prunes or appends
+    anything there, so that it cannot undo the new holder's work; another start would be
+    refused (exit 5) while the new holder runs."""
+
+    exit_code = 6
+
+
 class RanksOutOfSync(Exception):
     """Ranks hold different parameters where they must be identical: exit code 4."""
 

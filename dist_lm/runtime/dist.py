@@ -372,7 +372,7 @@ def run_everywhere(world: World, fn: Callable[[], Any], what: str) -> Any:
     """Runs fn on every rank and agrees on the outcome, so a bad input on one rank stops
     all ranks with the same message instead of leaving the others in a collective.
     Returns fn's result; raises the first rank's error (by rank order) on every rank."""
-    from ..errors import RunDirBusy, UsageError
+    from ..errors import RunDirBusy, RunDirLost, UsageError
 
     result, error = None, None
     try:
@@ -384,5 +384,6 @@ def run_everywhere(world: World, fn: Callable[[], Any], what: str) -> Any:
     if first is not None:
         rank, (message, code) = first
         prefix = f"rank {rank}: " if world.size > 1 and (message, code) != error else ""
-        raise (RunDirBusy if code == RunDirBusy.exit_code else UsageError)(prefix + message)
+        kind = next((k for k in (RunDirBusy, RunDirLost) if k.exit_code == code), UsageError)
+        raise kind(prefix + message)
     return result

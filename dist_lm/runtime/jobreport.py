@@ -35,7 +35,7 @@ import threading
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from ..errors import NonFiniteError, RanksOutOfSync, UsageError
+from ..errors import NonFiniteError, RanksOutOfSync, RunDirLost, UsageError
 from . import selfreport
 from .procs import kill_session
 
@@ -429,11 +429,13 @@ class JobReport:
 
     def hopeless(self) -> bool:
         """Whether a rank ended with an error that another start would meet again: bad
-        input (exit 2) or non-finite values (exit 3), not a lost peer or node."""
+        input (exit 2), non-finite values (exit 3) or a run directory another job took
+        over (exit 6), not a lost peer or node."""
         with self.lock:
             return any(r.exit is not None and r.exit.get("kind") == "error"
                        and r.exit.get("code") in (UsageError.exit_code,
-                                                  NonFiniteError.exit_code)
+                                                  NonFiniteError.exit_code,
+                                                  RunDirLost.exit_code)
                        for r in self.ranks.values())
 
     def progress(self) -> Tuple[Optional[int], Optional[int]]:
@@ -471,7 +473,8 @@ def exit_meaning(code: int) -> str:
     if by_signal(code):
         return f" (killed by signal {code - 128} ({signal_name(code - 128)}))"
     return {2: " (bad input)", 3: " (non-finite values)",
-            4: " (a peer rank was lost or ranks went out of step)"}.get(code, "")
+            4: " (a peer rank was lost or ranks went out of step)",
+            6: " (another job took over the run directory)"}.get(code, "")
 
 
 def signal_name(number: int) -> str:

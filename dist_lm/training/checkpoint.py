@@ -57,6 +57,7 @@ import re
 import shutil
 import sys
 import time
+import uuid
 from dataclasses import asdict, dataclass
 from typing import Callable, Dict, List, Optional
 
@@ -353,7 +354,8 @@ def write_checkpoint(directory: str, step: int, model, optimizer: Dict[str, mx.n
     into place or pruned."""
     os.makedirs(directory, exist_ok=True)
     final = os.path.join(directory, f"step-{step:09d}")
-    tmp = os.path.join(directory, f"{TMP_PREFIX}{step:09d}")
+    # Its own name: a job whose lock was taken over never removes the new holder's.
+    tmp = os.path.join(directory, f"{TMP_PREFIX}{step:09d}.{uuid.uuid4().hex[:8]}")
     fence()
     remove_unfinished(directory)
     os.makedirs(tmp)

@@ -270,12 +270,14 @@ class RunDir:
         try:
             write_text(self.file(name), text, self.fence)
         except OSError as err:
+            self.fence()
             raise UsageError(f"cannot write {self.file(name)}: {err.strerror}") from None
 
     def save_params(self, name: str, block) -> None:
         try:
             atomic_write(self.file(name), block.save_parameters, self.fence)
         except _write_errors() as err:
+            self.fence()
             raise UsageError(f"cannot write {self.file(name)}: {_reason(err)}") from None
 
     def save_checkpoint(self, step: int, model, optimizer: dict, hidden, meta: dict,
@@ -287,6 +289,7 @@ class RunDir:
             write_checkpoint(directory, step, model, optimizer, hidden, meta, keep, protect,
                              self.fence)
         except _write_errors() as err:
+            self.fence()  # a job that took the directory over may have removed ours
             raise UsageError(f"cannot write the checkpoint of step {step} in {directory}: "
                              f"{_reason(err)}; {left_by_failed_write(directory, step)}") \
                 from None

@@ -32,7 +32,9 @@ Every rank takes part in a save (hidden states are gathered, flags agreed); rank
 writes, through its run directory (the other ranks' run directory writes nothing). A
 checkpoint is written into `.tmp-step-...`, every file fsynced, then the directory is
 renamed to `step-...` and the parent fsynced: a crash leaves either the complete
-checkpoint or no checkpoint under the final name. Each write first removes every
+checkpoint or no checkpoint under the final name. A checkpoint already at that step is
+renamed aside (`.replaced-step-...`) until the new one is in place (`tidy` puts back one
+a killed write left aside). Each write first removes every
 `.tmp-step-...` (one job owns the directory, so any left is from a crashed write), and
 then prunes by step to the newest `keep` plus the best one, among the checkpoints up to
 its own step. `find_resume` checks every digest and falls back to the previous

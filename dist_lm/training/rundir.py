@@ -7,9 +7,14 @@
     best.params     parameters with the best validation loss so far
     final.params    parameters at the end of the run
     .lock           locked by the job that writes the directory; names its host and pid
+                    and holds its token; removed when the job ends
 
-Every file is written to a temporary name in the same directory, fsynced and renamed, so
-a crash never leaves a half-written file under a final name. `make_run_dir` is called
+Every file is written to a temporary name in the same directory (`.NAME.XXXXXXXX.tmp`,
+with the umask's permissions), fsynced and renamed, so a crash never leaves a
+half-written file under a final name; the temporaries a killed job left are removed when
+the directory is next locked. Before each rename into place, prune and metrics append,
+rank 0 checks that the lock file still holds its token (`RunDirLock.check`), so a job
+whose lock lapsed on shared storage stops instead of writing. `make_run_dir` is called
 once at start-up; ranks other than 0 get a `QuietRunDir` whose writes do nothing. Rank
 0's `RunDir` locks the directory before it writes anything there, until `release` (see
 `RunDirLock`): a second job in the same directory is refused instead of pruning the
@@ -247,10 +252,11 @@ class RunDir:
         """Under the new lock, what killed writers left: atomic_write's temporary files,
         and in checkpoints/ the half-written checkpoints and one a rewrite of its step
         moved aside (put back: see checkpoint.tidy)."""
-        from .checkpoint import tidy
-
         remove_stale(self.path)
-        tidy(self.file("checkpoints"))
+        if os.path.isdir(self.file("checkpoints")):
+            from .checkpoint import tidy  # MXNet: only when there are checkpoints
+
+            tidy(self.file("checkpoints"))
 
     def fence(self) -> None:
         """Raises RunDirLost when this job no longer holds the directory's lock."""

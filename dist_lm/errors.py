@@ -18,6 +18,15 @@ class RunDirBusy(UsageError):
     exit_code = 5
 
 
+class RunDirLost(UsageError):
+    """The run directory's lock no longer names this job (another job took it, or its lock
+    file was removed): exit code 6. Rank 0 stops before it renames, prunes or appends
+    anything there, so that it cannot undo the new holder's work; another start would be
+    refused (exit 5) while the new holder runs."""
+
+    exit_code = 6
+
+
 class RanksOutOfSync(Exception):
     """Ranks hold different parameters where they must be identical: exit code 4."""
 
@@ -70,5 +79,6 @@ def exit_code_of(err: UsageError) -> int:
 
 def error_class(code: int) -> type:
     """The UsageError class of an exit code, for an error that travelled between ranks."""
-    return next((c for c in (RunDirBusy, StorageUnavailable) if c.exit_code == code),
+    return next((c for c in (RunDirBusy, RunDirLost, StorageUnavailable)
+                 if c.exit_code == code),
                 UsageError)

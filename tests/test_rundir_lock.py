@@ -102,6 +102,7 @@ def test_at_two_ranks_the_refusal_is_one_line_on_every_rank(heldout, tmp_path):
     try:
         proc = run(launcher("mpi", 2, BIN / "dist-lm", *train_args(
             heldout, run_dir, "--batch-size", "10", "--max-steps", "5")), timeout=120)
+        listed = sorted(os.listdir(run_dir))
     finally:
         holder.release()
     assert proc.returncode == 5, proc.stderr
@@ -110,4 +111,5 @@ def test_at_two_ranks_the_refusal_is_one_line_on_every_rank(heldout, tmp_path):
     assert all(re.fullmatch(r"(rank 0: )?" + in_use(run_dir, os.getpid()), e)
                for _, e in errors), proc.stderr
     assert "Traceback" not in proc.stderr
-    assert sorted(os.listdir(run_dir)) == [".lock"]  # nothing written, nothing truncated
+    assert listed == [".lock"]  # nothing written, nothing truncated
+    assert os.listdir(run_dir) == []  # the holder removed its lock file as it released it

@@ -42,6 +42,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import uuid
 from contextlib import contextmanager
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
@@ -430,9 +431,16 @@ def _map_ids(stem: str, source: dict) -> Optional[np.memmap]:
 
 @contextmanager
 def _staged(root: str):
-    """A temporary file in root, removed unless the caller renamed it."""
-    fd, tmp = tempfile.mkstemp(dir=root, prefix=".build-")
-    os.close(fd)
+    """A temporary file in root, removed unless the caller renamed it. Created 0666 less
+    the umask (mkstemp's 0600 would make the cache unreadable to the teammates who share
+    it)."""
+    while True:
+        tmp = os.path.join(root, f".build-{uuid.uuid4().hex[:12]}")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            break
+        except FileExistsError:
+            continue
     try:
         yield tmp
     finally:

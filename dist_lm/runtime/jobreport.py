@@ -34,7 +34,8 @@ import threading
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from ..errors import NonFiniteError, RanksOutOfSync, RunDirBusy, StorageUnavailable, UsageError
+from ..errors import (NonFiniteError, RanksOutOfSync, RunDirBusy, RunDirLost,
+                      StorageUnavailable, UsageError)
 from . import selfreport
 from .discovery import same_host
 from .procs import finish
@@ -433,11 +434,13 @@ class JobReport:
 
     def hopeless(self) -> bool:
         """Whether a rank ended with an error that another start would meet again: bad
-        input (exit 2) or non-finite values (exit 3), not a lost peer or node."""
+        input (exit 2), non-finite values (exit 3) or a run directory another job took
+        over (exit 6), not a lost peer or node."""
         with self.lock:
             return any(r.exit is not None and r.exit.get("kind") == "error"
                        and r.exit.get("code") in (UsageError.exit_code,
-                                                  NonFiniteError.exit_code)
+                                                  NonFiniteError.exit_code,
+                                                  RunDirLost.exit_code)
                        for r in self.ranks.values())
 
     def run_dir_busy(self) -> bool:
@@ -485,7 +488,8 @@ def exit_meaning(code: int) -> str:
     return {2: " (bad input)", 3: " (non-finite values)",
             4: " (a peer rank was lost or ranks went out of step)",
             RunDirBusy.exit_code: " (the run directory is in use)",
-            StorageUnavailable.exit_code: " (storage unavailable)"}.get(code, "")
+            StorageUnavailable.exit_code: " (storage unavailable)",
+            RunDirLost.exit_code: " (another job took over the run directory)"}.get(code, "")
 
 
 def signal_name(number: int) -> str:

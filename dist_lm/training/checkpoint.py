@@ -34,7 +34,9 @@ Every rank takes part in a save (hidden states are gathered, flags agreed); rank
 writes, through its run directory (the other ranks' run directory writes nothing). A
 checkpoint is written into `.tmp-step-...`, every file fsynced, then the directory is
 renamed to `step-...` and the parent fsynced: a crash leaves either the complete
-checkpoint or no checkpoint under the final name. Each write first removes every
+checkpoint or no checkpoint under the final name. A checkpoint already at that step is
+renamed aside (`.replaced-step-...`) until the new one is in place (`tidy` puts back one
+a killed write left aside). Each write first removes every
 `.tmp-step-...` (one job owns the directory, so any left is from a crashed write), and
 then prunes by step to the newest `keep` plus the best one, among the checkpoints up to
 its own step. `find_resume` checks every digest and falls back to the previous
@@ -59,8 +61,9 @@ import re
 import shutil
 import sys
 import time
+import uuid
 from dataclasses import asdict, dataclass
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import mxnet as mx
 import numpy as np
@@ -77,6 +80,7 @@ READABLE = (BASE_FORMAT, FORMAT_VERSION)
 FILES = ("model.params", "optimizer.nd", "hidden.nd")
 STEP_DIR = re.compile(r"^step-(\d{9})$")
 TMP_PREFIX = ".tmp-step-"   # a checkpoint being written
+ASIDE = re.compile(r"^\.replaced-step-(\d{9})$")  # one a rewrite of its step replaces
 ABANDONED = "abandoned"     # the lines a resume from an earlier step left behind
 RNG_SCHEME = ("activation dropout masks from Philox(seed; site, step, global column); "
               "weight-level masks from mx.random.seed(crc32('seed:step')) before every step")
@@ -350,14 +354,22 @@ def remove_unfinished(directory: str) -> None:
             shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
 
 
+def _aside(directory: str, step: int) -> str:
+    return os.path.join(directory, f".replaced-step-{step:09d}")
+
+
 def write_checkpoint(directory: str, step: int, model, optimizer: Dict[str, mx.nd.NDArray],
                      hidden: List[np.ndarray], meta: dict, keep: int,
-                     protect: Optional[int]) -> str:
+                     protect: Optional[int], fence: Callable[[], None] = lambda: None) -> str:
     """Writes one checkpoint atomically; of those up to this step, keeps the newest
-    `keep` plus step `protect` (later ones are left alone)."""
+    `keep` plus step `protect` (later ones are left alone). fence() raises when this job
+    no longer holds the run directory: it is called before anything is removed, renamed
+    into place or pruned."""
     os.makedirs(directory, exist_ok=True)
     final = os.path.join(directory, f"step-{step:09d}")
-    tmp = os.path.join(directory, f"{TMP_PREFIX}{step:09d}")
+    # Its own name: a job whose lock was taken over never removes the new holder's.
+    tmp = os.path.join(directory, f"{TMP_PREFIX}{step:09d}.{uuid.uuid4().hex[:8]}")
+    fence()
     remove_unfinished(directory)
     os.makedirs(tmp)
     try:
@@ -372,19 +384,75 @@ def write_checkpoint(directory: str, step: int, model, optimizer: Dict[str, mx.n
         for name in FILES + ("meta.json",):
             _fsync_file(os.path.join(tmp, name))
         _fsync_dir(tmp)
-        if os.path.exists(final):  # a re-run of the same step: replace it whole
-            shutil.rmtree(final)
-        os.rename(tmp, final)
+        fence()
+        _put_in_place(tmp, final, _aside(directory, step))
         _fsync_dir(directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    shutil.rmtree(_aside(directory, step), ignore_errors=True)
     # Only those up to this step count: a later one is a damaged checkpoint that
     # --resume auto passed over (left in place), which must not push this line out.
+    fence()
     for old in [p for p in list_checkpoints(directory) if _step_of(p) <= step][:-keep]:
         if protect is None or not old.endswith(f"step-{protect:09d}"):
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _put_in_place(tmp: str, final: str, aside: str) -> None:
+    """Renames tmp to final. A checkpoint already at final (a rewrite of its step: a
+    resume from the epoch end's checkpoint saves that step again) is renamed aside first
+    and put back if the new one cannot take its place, so that at every moment the step
+    has a whole checkpoint under one of the two names; one left aside by a killed write
+    is put back when the run directory is next locked (`tidy`)."""
+    if not os.path.isdir(final):
+        os.rename(tmp, final)
+        return
+    shutil.rmtree(aside, ignore_errors=True)  # a finished rewrite's, not yet removed
+    os.rename(final, aside)
+    try:
+        os.rename(tmp, final)
+    except BaseException:
+        try:
+            os.rename(aside, final)
+        except OSError:
+            pass  # whole under the aside name: `tidy` puts it back
+        raise
+
+
+def tidy(directory: str) -> None:
+    """When the run directory is locked: puts back a checkpoint a rewrite of its step left
+    aside and never replaced (the write was killed between the two renames), removes one
+    whose replacement is in place, and removes the half-written ones."""
+    if not os.path.isdir(directory):
+        return
+    for name in sorted(os.listdir(directory)):
+        match = ASIDE.match(name)
+        if not match:
+            continue
+        final = os.path.join(directory, f"step-{match.group(1)}")
+        if os.path.isdir(final):
+            shutil.rmtree(os.path.join(directory, name))
+        else:
+            os.rename(os.path.join(directory, name), final)
+            say(f"dist-lm: note: put back the checkpoint of step {int(match.group(1))}, "
+                f"which an interrupted rewrite of that step left aside as {name}")
+    remove_unfinished(directory)
+    _fsync_dir(directory)
+
+
+def left_by_failed_write(directory: str, step: int) -> str:
+    """What a failed write of the checkpoint of `step` left, in words for its error line."""
+    if os.path.isdir(_aside(directory, step)) and \
+            not os.path.isdir(os.path.join(directory, f"step-{step:09d}")):
+        return (f"the earlier checkpoint of step {step} is whole under "
+                f"{_aside(directory, step)}, and is put back when the run directory is next "
+                f"locked (--resume auto)")
+    done = list_checkpoints(directory)
+    if not done:
+        return "no checkpoint had been written before"
+    return f"the previous checkpoint is intact ({os.path.basename(done[-1])})"
 
 
 # --- reading -------------------------------------------------------------------------

@@ -25,7 +25,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Dict, Optional, TextIO
+from typing import Callable, Dict, Optional, TextIO
 
 from ..runtime import selfreport
 
@@ -66,8 +66,12 @@ def ppl(loss: float) -> float:
 class Reporter:
     def __init__(self, run_dir: Optional[str] = None, config: Optional[dict] = None,
                  stream: Optional[TextIO] = None, steps_per_epoch: int = 0,
-                 resume_step: int = 0, resume_tokens: int = 0):
+                 resume_step: int = 0, resume_tokens: int = 0,
+                 fence: Callable[[], None] = lambda: None):
+        """fence(): raises when this job no longer holds the run directory (checked
+        before each metrics.jsonl write, rundir.RunDirLock.check)."""
         self.out = stream or sys.stdout
+        self.fence = fence
         self.run_dir, self.config = run_dir, config
         self.writer = self.token_writer = self.jsonl = self.bar = None
         self.best: Dict[str, float] = {}
@@ -82,7 +86,7 @@ class Reporter:
             # on without duplicated steps. The pid in the file name: one events file per
             # writing process.
             metrics = os.path.join(run_dir, "metrics.jsonl")
-            _truncate_records(metrics, resume_step)
+            _truncate_records(metrics, resume_step, fence)
             purge = resume_step + 1 if resume_step else None
             self.writer = SummaryWriter(run_dir, filename_suffix=f".{os.getpid()}",
                                         purge_step=purge)
@@ -112,6 +116,7 @@ class Reporter:
         if kind in PROGRESS and (step or kind != "world"):  # a fresh start resumed nothing
             selfreport.progress(**{PROGRESS[kind]: step})
         if self.jsonl is not None:
+            self.fence()
             self.jsonl.write(json.dumps(dict(kind=kind, step=step, tokens=tokens,
                                              time=time.time(), **values)) + "\n")
             self.jsonl.flush()
@@ -265,7 +270,7 @@ class Reporter:
         self.out.flush()
 
 
-def _truncate_records(path: str, after_step: int) -> None:
+def _truncate_records(path: str, after_step: int, fence: Callable[[], None]) -> None:
     """Keeps the metrics.jsonl lines with step <= after_step (all of them on a fresh run
     in a new directory), rewriting the file atomically."""
     if not os.path.exists(path):
@@ -282,7 +287,7 @@ def _truncate_records(path: str, after_step: int) -> None:
         except (ValueError, KeyError, TypeError):
             continue  # a line torn by a crash
     if len(keep) != len(lines):
-        write_text(path, "".join(keep))
+        write_text(path, "".join(keep), fence)
 
 
 def _flat_hparams(config: dict) -> Dict[str, object]:
@@ -315,8 +320,9 @@ class QuietReporter(Reporter):
 
 
 def make_reporter(is_root: bool, run_dir: str, config: dict, steps_per_epoch: int,
-                  resume_step: int = 0, resume_tokens: int = 0) -> Reporter:
+                  resume_step: int = 0, resume_tokens: int = 0,
+                  fence: Callable[[], None] = lambda: None) -> Reporter:
     if not is_root:
         return QuietReporter()
     return Reporter(run_dir, config, steps_per_epoch=steps_per_epoch,
-                    resume_step=resume_step, resume_tokens=resume_tokens)
+                    resume_step=resume_step, resume_tokens=resume_tokens, fence=fence)

@@ -7,9 +7,14 @@
     best.params     parameters with the best validation loss so far
     final.params    parameters at the end of the run
     .lock           locked by the job that writes the directory; names its host and pid
+                    and holds its token; removed when the job ends
 
-Every file is written to a temporary name in the same directory, fsynced and renamed, so
-a crash never leaves a half-written file under a final name. `make_run_dir` is called
+Every file is written to a temporary name in the same directory (`.NAME.XXXXXXXX.tmp`,
+with the umask's permissions), fsynced and renamed, so a crash never leaves a
+half-written file under a final name; the temporaries a killed job left are removed when
+the directory is next locked. Before each rename into place, prune and metrics append,
+rank 0 checks that the lock file still holds its token (`RunDirLock.check`), so a job
+whose lock lapsed on shared storage stops instead of writing. `make_run_dir` is called
 once at start-up; ranks other than 0 get a `QuietRunDir` whose writes do nothing. Rank
 0's `RunDir` locks the directory before it writes anything there, until `release` (see
 `RunDirLock`): a second job in the same directory is refused instead of pruning the
@@ -22,24 +27,50 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import random
+import re
 import socket
 import tempfile
 import time
-from typing import Callable
+import uuid
+from typing import Callable, List
 
-from ..errors import RunDirBusy, UsageError
+from ..errors import RunDirBusy, RunDirLost, UsageError
 
 
-def atomic_write(path: str, write: Callable[[str], None]) -> None:
-    """Calls write(tmp_path), fsyncs the file, then renames it to path."""
+# atomic_write's temporary names: ".NAME.XXXXXXXX.tmp" (8 of tempfile's letters, as
+# mkstemp named them before). One left by a killed writer is removed when the run
+# directory is next locked (`remove_stale`).
+TMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
+_LETTERS = "abcdefghijklmnopqrstuvwxyz0123456789_"
+
+
+def _new_tmp(path: str) -> str:
+    """Creates an empty file beside path under a new temporary name. Unlike mkstemp's
+    0600, its mode is 0666 less the umask, so the renamed file is as readable as any
+    other the user writes (0644 under umask 022): teammates can use a shared run."""
+    directory, base = os.path.split(os.path.abspath(path))
+    pick = random.SystemRandom()
+    while True:
+        tmp = os.path.join(directory, f".{base}.{''.join(pick.choices(_LETTERS, k=8))}.tmp")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+
+
+def atomic_write(path: str, write: Callable[[str], None],
+                 fence: Callable[[], None] = lambda: None) -> None:
+    """Calls write(tmp_path), fsyncs the file, then renames it to path. fence() is called
+    right before the rename: it raises when this job no longer holds the run directory."""
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".",
-                               suffix=".tmp")
-    os.close(fd)
+    tmp = _new_tmp(path)
     try:
         write(tmp)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
+        fence()
         os.replace(tmp, path)
         dir_fd = os.open(directory, os.O_RDONLY)
         try:
@@ -52,63 +83,149 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
         raise
 
 
-def write_text(path: str, text: str) -> None:
+def write_text(path: str, text: str, fence: Callable[[], None] = lambda: None) -> None:
     def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as fh:
             fh.write(text)
-    atomic_write(path, write)
+    atomic_write(path, write, fence)
+
+
+def remove_stale(directory: str) -> List[str]:
+    """Removes the temporary files of atomic_write a killed writer left in directory (only
+    those: regular files named by TMP_NAME). Called by the holder of the directory's lock,
+    when it takes it: no write of another job can be in progress. Returns their names."""
+    stale = [n for n in os.listdir(directory) if TMP_NAME.match(n) and
+             os.path.isfile(os.path.join(directory, n))]
+    for name in stale:
+        os.unlink(os.path.join(directory, name))
+    return stale
 
 
 class RunDirLock:
     """An exclusive lock on a run directory for the life of a job: flock(2) on RUN_DIR/.lock,
     which the kernel drops when the holder ends, however it ends (a killed job leaves the
-    file behind, never the lock). The holder writes its host, pid and start time into the
-    file, so that a refused job can name it. Raises RunDirBusy when another job holds it."""
+    file behind, never the lock; a job that ends removes the file). The holder writes its
+    host, pid, start time and a token of its own into the file: a refused job names the
+    holder, and the holder fences its writes with `check` (see docs/reliability.md, One
+    job per run directory): where a lock can lapse or does not exclude other nodes (NFS),
+    a holder whose token is gone from the file stops instead of undoing another job's
+    work. Raises RunDirBusy when another job holds it."""
 
     NAME = ".lock"
 
     def __init__(self, directory: str):
-        self.fd = os.open(os.path.join(directory, self.NAME), os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as err:
-            holder = self._holder() if isinstance(err, BlockingIOError) else None
-            os.close(self.fd)
-            if holder is None:
-                raise UsageError(f"cannot lock run directory {directory}: "
-                                 f"{err.strerror}") from None
-            raise RunDirBusy(f"run directory {directory} is in use by another job "
-                             f"({holder}); stop it or choose another --run-dir") from None
+        self.directory = directory
+        self.path = os.path.join(directory, self.NAME)
+        self.token = uuid.uuid4().hex
+        self.fd = None
+        for _ in range(100):
+            fd = self._take()
+            if self._locks_the_file(fd):
+                self.fd = fd
+                break
+            os.close(fd)  # its holder removed it on release: lock the file now named .lock
+        else:
+            raise UsageError(f"cannot lock run directory {directory}: its lock file keeps "
+                             f"being replaced")
         since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
-        me = {"host": socket.gethostname(), "pid": os.getpid(), "since": since}
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "since": since,
+              "token": self.token}
         try:
             os.ftruncate(self.fd, 0)
             os.pwrite(self.fd, (json.dumps(me) + "\n").encode("utf-8"), 0)
+            os.fsync(self.fd)  # on NFS: on the server before any other node reads it
         except OSError:
             os.close(self.fd)
+            self.fd = None
             raise
 
-    def _holder(self) -> str:
+    def _take(self) -> int:
+        """Opens RUN_DIR/.lock (0666 less the umask) and locks it, or raises."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            holder = self._holder(fd) if isinstance(err, BlockingIOError) else None
+            os.close(fd)
+            if holder is None:
+                raise UsageError(f"cannot lock run directory {self.directory}: "
+                                 f"{err.strerror}") from None
+            raise RunDirBusy(f"run directory {self.directory} is in use by another job "
+                             f"({holder}); stop it or choose another --run-dir") from None
+        return fd
+
+    def _locks_the_file(self, fd: int) -> bool:
+        """Whether RUN_DIR/.lock is still the file fd locked: a holder that released it
+        between our open and our flock removed it, and a lock on a removed file is none."""
+        try:
+            named, held = os.stat(self.path), os.fstat(fd)
+        except FileNotFoundError:
+            return False
+        return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
+
+    @staticmethod
+    def _holder(fd: int) -> str:
         """Who holds the lock, as its file says; a holder that has just taken it may not
         have written it yet."""
         for _ in range(10):
             try:
-                who = json.loads(os.pread(self.fd, 4096, 0).decode("utf-8"))
-                return f"host {who['host']}, pid {who['pid']}, since {who['since']}"
+                who = json.loads(os.pread(fd, 4096, 0).decode("utf-8"))
+                return _named(who)
             except (ValueError, KeyError, TypeError):
                 time.sleep(0.1)
         return "its host and pid are not recorded"
+
+    def _recorded(self):
+        """RUN_DIR/.lock as it is now, read by name and opened afresh (NFS revalidates a
+        file when it is opened): its record, None when it is gone, else why unreadable."""
+        try:
+            with open(self.path, encoding="utf-8") as fh:
+                who = json.loads(fh.read())
+            return who if isinstance(who, dict) else "it holds no holder's record"
+        except FileNotFoundError:
+            return None
+        except OSError as err:
+            return f"it is unreadable: {err.strerror}"
+        except ValueError:
+            return "it holds no holder's record"
+
+    def check(self) -> None:
+        """Raises RunDirLost unless RUN_DIR/.lock still holds this job's token. Rank 0
+        calls it right before each rename into place, prune and metrics append."""
+        who = self._recorded()
+        if isinstance(who, dict) and who.get("token") == self.token:
+            return
+        if who is None:
+            now = "its lock file was removed"
+        elif isinstance(who, dict):
+            try:
+                now = f"another job holds it now: {_named(who)}"
+            except KeyError:
+                now = "its lock file names another job"
+        else:
+            now = f"its lock file: {who}"
+        raise RunDirLost(f"run directory {self.directory} is no longer locked by this job "
+                         f"({now}); this job stopped without writing there again")
 
     def release(self) -> None:
         if self.fd is None:
             return
         try:
-            os.ftruncate(self.fd, 0)  # no stale name for the next holder's refusals
+            # Removed while still locked, and only if still ours: a job that opened it
+            # meanwhile finds it replaced (_locks_the_file) and locks a new one.
+            who = self._recorded()
+            if self._locks_the_file(self.fd) and isinstance(who, dict) and \
+                    who.get("token") == self.token:
+                os.unlink(self.path)
         except OSError:
             pass
         finally:
             os.close(self.fd)         # and with it the lock
             self.fd = None
+
+
+def _named(who: dict) -> str:
+    return f"host {who['host']}, pid {who['pid']}, since {who['since']}"
 
 
 class RunDir:
@@ -125,6 +242,25 @@ class RunDir:
         except OSError as err:
             self.release()
             raise UsageError(f"run directory {path} is not writable: {err.strerror}") from None
+        try:
+            self.tidy()
+        except OSError as err:
+            self.release()
+            raise UsageError(f"cannot tidy run directory {path}: {_reason(err)}") from None
+
+    def tidy(self) -> None:
+        """Under the new lock, what killed writers left: atomic_write's temporary files,
+        and in checkpoints/ the half-written checkpoints and one a rewrite of its step
+        moved aside (put back: see checkpoint.tidy)."""
+        remove_stale(self.path)
+        if os.path.isdir(self.file("checkpoints")):
+            from .checkpoint import tidy  # MXNet: only when there are checkpoints
+
+            tidy(self.file("checkpoints"))
+
+    def fence(self) -> None:
+        """Raises RunDirLost when this job no longer holds the directory's lock."""
+        self.lock.check()
 
     def release(self) -> None:
         """Unlocks the directory: the job has written its last file there."""
@@ -138,27 +274,31 @@ class RunDir:
 
     def write_text(self, name: str, text: str) -> None:
         try:
-            write_text(self.file(name), text)
+            write_text(self.file(name), text, self.fence)
         except OSError as err:
+            self.fence()
             raise UsageError(f"cannot write {self.file(name)}: {err.strerror}") from None
 
     def save_params(self, name: str, block) -> None:
         try:
-            atomic_write(self.file(name), block.save_parameters)
+            atomic_write(self.file(name), block.save_parameters, self.fence)
         except _write_errors() as err:
+            self.fence()
             raise UsageError(f"cannot write {self.file(name)}: {_reason(err)}") from None
 
     def save_checkpoint(self, step: int, model, optimizer: dict, hidden, meta: dict,
                         keep: int, protect) -> None:
-        from .checkpoint import write_checkpoint
+        from .checkpoint import left_by_failed_write, write_checkpoint
 
+        directory = self.file("checkpoints")
         try:
-            write_checkpoint(self.file("checkpoints"), step, model, optimizer, hidden, meta,
-                             keep, protect)
+            write_checkpoint(directory, step, model, optimizer, hidden, meta, keep, protect,
+                             self.fence)
         except _write_errors() as err:
-            raise UsageError(f"cannot write the checkpoint of step {step} in "
-                             f"{self.file('checkpoints')}: {_reason(err)}; the previous "
-                             f"checkpoint is intact") from None
+            self.fence()  # a job that took the directory over may have removed ours
+            raise UsageError(f"cannot write the checkpoint of step {step} in {directory}: "
+                             f"{_reason(err)}; {left_by_failed_write(directory, step)}") \
+                from None
 
     def find_resume(self, spec: str, strict: bool):
         """The checkpoint to resume from (see --resume), or None for a fresh start; a fresh
@@ -177,6 +317,7 @@ class RunDir:
         checkpoint.start_line), so that pruning and --resume auto follow the new line."""
         from .checkpoint import start_line
 
+        self.fence()
         try:
             start_line(self.file("checkpoints"), found, self.file("best.params"),
                        self.file("final.params"))
@@ -220,6 +361,9 @@ class QuietRunDir(RunDir):
         self.path = path
 
     def release(self) -> None:
+        pass
+
+    def fence(self) -> None:
         pass
 
     def write_json(self, name: str, obj) -> None:

@@ -154,7 +154,7 @@ def train_in(run_dir, cfg: Config, world: World, ctx: mx.Context) -> dict:
               Evaluator(model, corpus.test, columns["test"], world, ctx), run_dir, None)
     run.reporter = make_reporter(world.is_root, cfg.run.run_dir, cfg.to_dict(),
                                  windows.num_batches, resume_step=parts.progress.step,
-                                 resume_tokens=run.tokens())
+                                 resume_tokens=run.tokens(), fence=run_dir.fence)
     run.reporter.started(world.size)
     run.reporter.world(progress.step, run.tokens(), world.size, selfreport.world())
     selfreport.describe("training", lambda: {"step": progress.step,

@@ -235,3 +235,34 @@ def test_a_short_run_says_where_it_writes_logs_each_epoch_once_and_lists_its_fil
                          f"newest step-000000064), metrics.jsonl, TensorBoard events "
                          f"(events.out.tfevents.*, by_tokens/, hparams/)")
     assert (run_dir / "best.params").is_file() and list(run_dir.glob("events.out.*"))
+
+
+@pytest.mark.parametrize("code,exit_code", [(28, 2), (5, 7)])  # ENOSPC, EIO
+def test_a_metrics_write_that_fails_is_one_error_and_closes_quietly(tmp_path, code,
+                                                                    exit_code):
+    """A full disk (or failed storage) under TensorBoard's writer: one error, not a
+    traceback, and the writers' exit hooks do not flush (and fail) again."""
+    import errno
+    import io
+    import os
+
+    from dist_lm.errors import UsageError, exit_code_of
+    from dist_lm.training.observe import Reporter
+
+    reporter = Reporter(str(tmp_path), {}, stream=io.StringIO())
+    file_writers = [fw for w in (reporter.writer, reporter.token_writer)
+                    for fw in w.all_writers.values()]
+
+    def full(*args, **kwargs):
+        raise OSError(code, os.strerror(code))
+
+    reporter.writer.flush = full
+    with pytest.raises(UsageError, match=r"cannot write the run's metrics in .*: "
+                                         + os.strerror(code)) as raised:
+        reporter.record("train", 5, 100, {"train/loss": 1.0})
+    assert exit_code_of(raised.value) == exit_code
+    assert errno.ENOSPC == 28 and errno.EIO == 5
+    reporter.close()  # nothing left to close
+    for file_writer in file_writers:  # what tensorboardX's exit hook calls
+        assert file_writer.event_writer._closed
+        file_writer.event_writer.close()

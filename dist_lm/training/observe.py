@@ -19,6 +19,7 @@ record, `checkpoint/write_s`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -27,6 +28,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, TextIO
 
+from ..errors import UsageError
 from ..runtime import selfreport
 
 
@@ -115,18 +117,26 @@ class Reporter:
         supervisor, a progress record of the step reached or checkpointed."""
         if kind in PROGRESS and (step or kind != "world"):  # a fresh start resumed nothing
             selfreport.progress(**{PROGRESS[kind]: step})
-        if self.jsonl is not None:
-            self.fence()
-            self.jsonl.write(json.dumps(dict(kind=kind, step=step, tokens=tokens,
-                                             time=time.time(), **values)) + "\n")
-            self.jsonl.flush()
-        if self.writer is not None:
-            for tag, value in values.items():
-                if "/" in tag:
-                    self.writer.add_scalar(tag, value, step)
-                    self.token_writer.add_scalar("by_tokens/" + tag, value, tokens)
-            self.writer.flush()
-            self.token_writer.flush()
+        try:
+            if self.jsonl is not None:
+                self.fence()
+                self.jsonl.write(json.dumps(dict(kind=kind, step=step, tokens=tokens,
+                                                 time=time.time(), **values)) + "\n")
+                self.jsonl.flush()
+            if self.writer is not None:
+                for tag, value in values.items():
+                    if "/" in tag:
+                        self.writer.add_scalar(tag, value, step)
+                        self.token_writer.add_scalar("by_tokens/" + tag, value, tokens)
+                self.writer.flush()
+                self.token_writer.flush()
+        except OSError as err:
+            # A full disk or failed storage: one line on every rank (run_everywhere's
+            # peers see rank 0 go), exit 2, or 7 if it may pass (errors.exit_code_of);
+            # the sinks are dropped so that closing them at exit does not fail again.
+            self._abandon_sinks()
+            raise UsageError(f"cannot write the run's metrics in {self.run_dir}: "
+                             f"{err.strerror or err}") from err
 
     # --- events ------------------------------------------------------------------------
     def advance(self, steps: int = 1) -> None:
@@ -254,6 +264,24 @@ class Reporter:
         names += ["metrics.jsonl", "TensorBoard events (events.out.tfevents.*, by_tokens/, "
                   "hparams/)"]
         self.line(f"Wrote {d}: {', '.join(names)}")
+
+    def _abandon_sinks(self) -> None:
+        """Drops metrics.jsonl and the TensorBoard writers after a write failed: closed
+        where they still can be, and marked closed where they cannot (tensorboardX closes
+        its writers again at exit, which would flush, fail and print a traceback)."""
+        for writer in (self.writer, self.token_writer):
+            if writer is None:
+                continue
+            with contextlib.suppress(Exception):
+                writer.close()
+            for file_writer in (writer.all_writers or {}).values():
+                event_writer = getattr(file_writer, "event_writer", None)
+                if event_writer is not None:
+                    event_writer._closed = True
+        if self.jsonl is not None:
+            with contextlib.suppress(OSError):
+                self.jsonl.close()
+        self.writer = self.token_writer = self.jsonl = None
 
     def close(self) -> None:
         """Flushes and closes everything; safe to call twice (normal exit, error, SIGTERM)."""

@@ -137,7 +137,7 @@ def train_in(run_dir, cfg: Config, world: World, ctx: mx.Context) -> dict:
                   make_terms(o.alpha, o.beta, world, ctx, weight),
                   make_averager(o.ntasgd, model, o.ntasgd_nonmono))
     checkpointer = Checkpointer(parts, world, run_dir, cfg, vocab_json,
-                                corpus.train.num_batches, windows.done)
+                                corpus.train.num_batches, windows.done, corpus.digests)
     hidden = checkpointer.resume(ctx)
     world.broadcast_params(model.collect_params())
     run_dir.write_json("config.json", cfg.to_dict())

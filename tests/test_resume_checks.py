@@ -153,7 +153,7 @@ def tiny_checkpoints(directory: Path, steps) -> list:
 
 @pytest.mark.parametrize("change", [
     lambda text: text.replace('"batch": 2,', '"batch": 7,'),   # a digit changed, valid JSON
-    lambda text: text.replace('"format_version": 2', '"format_version": 9'),
+    lambda text: text.replace('"step": 2', '"step": 1'),
 ])
 def test_a_damaged_meta_json_is_a_damaged_checkpoint(change, tmp_path, capsys):
     first, newest = tiny_checkpoints(tmp_path, [1, 2])

@@ -426,8 +426,7 @@ class Checkpoint:
 
 def meta_digest(meta: dict) -> str:
     """The sha256 of meta.json's content less its own digest, as canonical JSON (sorted
-    keys, no spaces): a changed value is caught whatever the file's layout. Checked
-    first, so a damaged meta.json is a damaged checkpoint, whatever it says of itself."""
+    keys, no spaces): a changed value is caught whatever the file's layout."""
     body = {k: v for k, v in meta.items() if k != META_DIGEST}
     return text_digest(json.dumps(body, sort_keys=True, separators=(",", ":")))
 
@@ -444,9 +443,6 @@ def verify(path: str) -> Checkpoint:
             from None
     except (OSError, ValueError) as err:
         raise UsageError(f"checkpoint {path}: unreadable meta.json ({err})") from None
-    if isinstance(meta, dict) and META_DIGEST in meta and \
-            meta[META_DIGEST] != meta_digest(meta):
-        raise UsageError(f"checkpoint {path}: meta.json is damaged (digest mismatch)")
     version = meta.get("format_version") if isinstance(meta, dict) else None
     if isinstance(version, int) and version not in READABLE:
         raise OtherFormat(f"checkpoint {path} has format {version}, written by another "
@@ -457,6 +453,10 @@ def verify(path: str) -> Checkpoint:
         raise UsageError(f"checkpoint {path}: unknown format (version "
                          f"{meta.get('format_version') if isinstance(meta, dict) else '?'}, "
                          f"expected {BASE_FORMAT} or {FORMAT_VERSION})")
+    # After the format: one from another version is refused, never skipped as damaged
+    # (its digest may be taken otherwise).
+    if META_DIGEST in meta and meta[META_DIGEST] != meta_digest(meta):
+        raise UsageError(f"checkpoint {path}: meta.json is damaged (digest mismatch)")
     for name in FILES:
         file_path = os.path.join(path, name)
         if not os.path.isfile(file_path):

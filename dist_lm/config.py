@@ -14,7 +14,7 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
+from typing import Any, List, Optional, Union, get_args, get_origin, get_type_hints
 
 from .errors import UsageError
 from .presets import PRESETS, RECIPES
@@ -319,6 +319,27 @@ class Config:
         --batch-size."""
         return self.run.global_batch_size or ranks * self.run.batch_size
 
+    def world_size_dependence(self) -> List[str]:
+        """Why the numbers of this run depend on its number of ranks N, one reason per
+        setting (none: N ranks take exactly the steps of one process with the global
+        batch, up to float reduction noise, runtime/dist.py). The one place this is
+        decided: `dist-lm launch` in elastic mode refuses a run with reasons (elastic.py),
+        and the run records them (run.json) and says them at start."""
+        o, reasons = self.optim, []
+        if self.run.global_batch_size is None:
+            reasons.append("no --global-batch-size (the global batch is ranks x "
+                           "--batch-size)")
+        if o.clip_mode == "local":
+            reasons.append("--clip-mode local (each rank clips its own gradient before "
+                           "the average)")
+        if o.lr_scaling != "none":
+            reasons.append(f"--lr-scaling {o.lr_scaling} (the lr is scaled with the rank "
+                           f"count)")
+        if self.dist.fp16_allreduce:
+            reasons.append("--fp16-allreduce (each rank's gradient is rounded to float16 "
+                           "before the sum)")
+        return reasons
+
     def scaled_lr(self, ranks: int) -> float:
         """--lr after --lr-scaling. 'linear' keeps the per-sample step size of a run whose
         per-rank batch is fixed (the global batch grows with N) but is unstable at large N
@@ -472,6 +493,11 @@ class LaunchConfig:
               "not counted against --reset-limit",
         shown="the training command's longer of --checkpoint-timeout-s and --watchdog-s, "
               "+ 120")
+    allow_world_size_dependence: bool = opt(
+        False, "elastic: run a training command whose numbers depend on the rank count "
+               "(--clip-mode local, --lr-scaling linear or sqrt, --fp16-allreduce), which "
+               "changes between worlds; refused without this flag "
+               "(docs/reliability.md, \"When the numbers do not depend on N\")")
 
     @property
     def elastic(self) -> bool:
@@ -494,7 +520,9 @@ class LaunchConfig:
                 raise UsageError(f"{flag}: out of range (see dist-lm launch --help)")
         if self.min_np and self.max_np and self.min_np > self.max_np:
             raise UsageError(f"--min-np {self.min_np} is above --max-np {self.max_np}")
-        given = [f for f, v in [("--min-np", self.min_np != 1), ("--max-np", self.max_np)] if v]
+        given = [f for f, v in [("--min-np", self.min_np != 1), ("--max-np", self.max_np),
+                                ("--allow-world-size-dependence",
+                                 self.allow_world_size_dependence)] if v]
         if given and not self.elastic:
             raise UsageError(f"{given[0]} needs --host-discovery-script (elastic mode)")
         return self
@@ -515,6 +543,8 @@ def launch_parser() -> argparse.ArgumentParser:
                         "help": f"{f.metadata['help']} (default: {shown})"}
         if tp is tuple:
             kwargs.update(nargs=2, type=float, metavar=("MIN", "MAX"))
+        elif tp is bool:
+            kwargs.update(action="store_true", help=f.metadata["help"])
         else:
             kwargs.update(type=tp, metavar={int: "N", str: "FILE"}.get(
                 tp, "MINUTES" if f.name.endswith("minutes") else "SECONDS"))

@@ -72,7 +72,10 @@ CASES = {
                              "hidden.nd is damaged"),
     "missing checkpoint": (lambda f: data_args() + ["--resume", f["nodir"]],
                            "no such checkpoint directory"),
-    "other vocabulary": (lambda f: data_args() + ["--resume", f["newest"]],
+    "other data": (lambda f: data_args() + ["--resume", f["newest"]],
+                   "trained on other data: its train split has sha1 [0-9a-f]{40} "),
+    "other vocabulary": (lambda f: data_args(f["heldout"], f["heldout"], f["heldout"])
+                         + ["--resume", f["newest"], "--max-vocab", "500"],
                          "different vocabulary"),
     "other model": (lambda f: data_args(f["heldout"], f["heldout"], f["heldout"])
                     + ["--resume", f["newest"], "--hidden-size", "48", "--embed-size", "48"],

@@ -20,7 +20,7 @@ and leave its peers waiting in a collective until a timeout blames a dead peer.
 from __future__ import annotations
 
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 from ..config import Config
@@ -39,6 +39,8 @@ class Corpus:
     train: Optional[D.ColumnShard]
     valid: Optional[D.ColumnShard]
     test: Optional[D.ColumnShard]
+    # Each split read, as the ranks agreed on it: {"sha1": of its text, "tokens": count}.
+    digests: Dict[str, dict] = field(default_factory=dict)
 
 
 def eval_columns(cfg: Config) -> Dict[str, int]:
@@ -98,7 +100,8 @@ def load_corpus(cfg: Config, world: World, need=("train", "valid", "test"),
 
     shards = run_everywhere(world, lambda: {n: shard(n) for n in need}, "shard")
     return Corpus(vocab, vocab_json, shards.get("train"), shards.get("valid"),
-                  shards.get("test"))
+                  shards.get("test"),
+                  {n: {"sha1": sha1s[n], "tokens": len(ids[n])} for n in need})
 
 
 # host, vocabulary digest and size, tokens per split, sha1 per split

@@ -8,8 +8,10 @@ script's hosts (discovery.py). The training command resumes with `--resume auto`
 trains a global batch (`--global-batch-size G`: G columns over any N <= G ranks), whose
 dropout masks belong to its columns, so a world of any size takes the steps that one
 process would, and an elastic run ends with the numbers of an uninterrupted one, up to
-float noise, under the conditions of docs/reliability.md ("When the numbers do not
-depend on N"), which the supervisor checks.
+float noise (docs/reliability.md, "When the numbers do not depend on N"). The training
+command is read as its ranks will read it (`training_config`), and one whose numbers
+depend on the rank count (`Config.world_size_dependence`: --clip-mode local, ...) is
+refused unless --allow-world-size-dependence accepts it.
 
 - A world ends with a lost rank or host: the hosts its report names as lost (jobreport:
   unreachable, killed, a pod stopped by its preStop hook) sit out their cooldown, and the
@@ -36,13 +38,14 @@ rank 0 writes to metrics.jsonl and TensorBoard (`world/ranks`, `world/restarts`)
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import threading
 import time
 from typing import Dict, List, Optional, Tuple
 
-from ..config import LaunchConfig, ReliabilityConfig
+from ..config import Config, LaunchConfig, ReliabilityConfig, add_config_args, config_from_args
 from ..errors import UsageError
 from . import discovery, selfreport
 from .discovery import Cooldowns, DiscoveryFailed, Hosts
@@ -72,16 +75,46 @@ def check_command(argv: List[str], cfg: LaunchConfig) -> Tuple[List[str], int]:
         if option(argv, flags) is not None:
             raise UsageError(f"elastic mode chooses the ranks and hosts itself: leave "
                              f"{flags[0]} out of the launcher's arguments")
-    if option(argv, ("--resume",)) != "auto":
+    train = training_config(argv)
+    if train.reliability.resume != "auto":
         raise UsageError("elastic mode needs the training command's --resume auto (each "
                          "world continues from the newest checkpoint)")
-    g = option(argv, ("--global-batch-size",))
-    if g is None or not g.isdigit() or int(g) <= 0:
+    g = train.run.global_batch_size
+    if g is None:
+        # Refused even with --allow-world-size-dependence: G would change with every
+        # world's N, and a checkpoint resumes only with the global batch it was trained
+        # with, so the first restart at another size would fail.
         raise UsageError("elastic mode needs the training command's --global-batch-size G "
-                         "(the same global batch at any rank count)")
+                         "(the same global batch at any rank count; a checkpoint resumes "
+                         "only with the global batch it was trained with)")
+    reasons = train.world_size_dependence()
+    if reasons and not cfg.allow_world_size_dependence:
+        raise UsageError(f"the training command's {'; '.join(reasons)} make"
+                         f"{'s' if len(reasons) == 1 else ''} its numbers depend on the "
+                         f"rank count, which elastic mode changes between worlds; pass "
+                         f"--allow-world-size-dependence to run it anyway")
     if option(argv, ("--checkpoint-minutes", "--checkpoint-steps")) is None:
         argv = [*argv, "--checkpoint-minutes", f"{cfg.checkpoint_minutes:g}"]
-    return argv, int(g)
+    return argv, g
+
+
+def training_config(argv: List[str]) -> Config:
+    """The Config the ranks' `dist-lm train` will train with: everything after the first
+    `train` of the launcher's command, read as the ranks read it (flags, a --config file,
+    which must be readable here too, the model's preset and recipe). Options that are not
+    the configuration's (`--dist`) are left to the ranks."""
+    if "train" not in argv:
+        raise UsageError("elastic mode runs `dist-lm train` under the launcher: no `train` "
+                         "in its command")
+    parser = argparse.ArgumentParser(prog="dist-lm train", add_help=False)
+    add_config_args(parser)
+
+    def one_line(message: str) -> None:
+        raise UsageError(f"the training command: {message}")
+
+    parser.error = one_line
+    args, _ = parser.parse_known_args(argv[argv.index("train") + 1:])
+    return config_from_args(args)
 
 
 def busy_timeout(argv: List[str], cfg: LaunchConfig) -> float:

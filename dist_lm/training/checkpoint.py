@@ -22,6 +22,10 @@ mask comes from (seed, site, step, global column) and every weight-level one fro
 uninterrupted one at any number of ranks (and variable BPTT lengths and sampled-softmax
 candidates come from (seed, step)).
 
+meta.json also records the data (each split's sha1 and token count; the layout has the
+batches per epoch), so that a resume on other data is refused (`check_data`), and its own
+sha256 (`meta_digest`), so that a damaged meta.json makes a damaged checkpoint.
+
 A checkpoint holding any of the AWD recipe's state (token position, interval schedule,
 terms, average) is format 3, which earlier versions refuse instead of resuming without
 it; every other checkpoint is still written as format 2, as before.
@@ -78,6 +82,7 @@ FORMAT_VERSION = 3      # written when a checkpoint holds state format 2 has no 
 BASE_FORMAT = 2         # written otherwise: the fixed-BPTT recipe's checkpoints as before
 READABLE = (BASE_FORMAT, FORMAT_VERSION)
 FILES = ("model.params", "optimizer.nd", "hidden.nd")
+META_DIGEST = "meta_sha256"  # meta.json's own digest, inside it (`meta_digest`)
 STEP_DIR = re.compile(r"^step-(\d{9})$")
 TMP_PREFIX = ".tmp-step-"   # a checkpoint being written
 ASIDE = re.compile(r"^\.replaced-step-(\d{9})$")  # one a rewrite of its step replaces
@@ -139,11 +144,14 @@ class Checkpointer:
     """Saves and restores `Parts` for one run; every rank calls it at the same points."""
 
     def __init__(self, parts: Parts, world, run_dir, cfg, vocab_json: str,
-                 batches_per_epoch: int, epoch_done=None):
+                 batches_per_epoch: int, epoch_done=None,
+                 data: Optional[Dict[str, dict]] = None):
         """epoch_done(progress): whether the epoch's windows are all trained (default:
-        progress.batch == batches_per_epoch)."""
+        progress.batch == batches_per_epoch). data: each split's {"sha1", "tokens"}
+        (corpus.Corpus.digests)."""
         self.parts, self.world, self.run_dir, self.cfg = parts, world, run_dir, cfg
         self.vocab_digest = text_digest(vocab_json)
+        self.data = data or {}
         self.layout = {"global_columns": cfg.global_columns(world.size),
                        "bptt": cfg.run.bptt, "ranks": world.size,
                        "batches_per_epoch": batches_per_epoch}
@@ -168,7 +176,7 @@ class Checkpointer:
         meta = {"progress": p.progress.state_dict(), "schedule": p.schedule.state_dict(),
                 "meter": meter_state, "optimizer_counters": counters,
                 "config": self.cfg.to_dict(), "vocab_sha256": self.vocab_digest,
-                "layout": self.layout, "rng": RNG_SCHEME}
+                "data": self.data, "layout": self.layout, "rng": RNG_SCHEME}
         for name, part in [("terms", p.terms), ("average", p.average)]:
             state = part.state_dict() if part is not None else None  # terms: a reduction
             if state is not None:
@@ -195,6 +203,10 @@ class Checkpointer:
         if meta is None:
             return None
         run_everywhere(self.world, lambda: self.check_compatible(meta), "resume-check")
+        if self.world.is_root and not meta.get("data"):
+            say(f"dist-lm: warning: the checkpoint at step {meta['step']} was written by an "
+                f"earlier dist-lm, which recorded no digests of its data: resuming without "
+                f"checking that this run's splits are the ones it was trained on")
         if self.world.is_root and meta.get("rng") == EARLIER_RNG_SCHEME and \
                 self.cfg.model.dropout and self.cfg.model.num_layers > 1 and \
                 self.cfg.model.family == "standard":
@@ -236,6 +248,7 @@ class Checkpointer:
     def check_compatible(self, meta: dict) -> None:
         """Refuses a checkpoint that does not belong to this run's data, model and layout."""
         where = f"checkpoint at step {meta['step']}"
+        self.check_data(meta.get("data") or {}, where)
         if meta.get("vocab_sha256") != self.vocab_digest:
             raise UsageError(f"{where} was trained with a different vocabulary (other "
                              f"training data or --min-freq/--max-vocab)")
@@ -250,6 +263,14 @@ class Checkpointer:
                              f"{saved['bptt']}; this run has {now['global_columns']} x "
                              f"{now['bptt']} (keep the global batch: --global-batch-size "
                              f"{saved['global_columns']})")
+        batches = saved.get("batches_per_epoch")
+        if batches is not None and batches != now["batches_per_epoch"]:
+            # Same global batch and bptt: only another training split changes this (the
+            # one check of the data a checkpoint without digests allows).
+            raise UsageError(f"{where} was trained on a training split of {batches} batches "
+                             f"per epoch; this run's has {now['batches_per_epoch']}: other "
+                             f"data. Resume it with the data it was trained on, or start in "
+                             f"another --run-dir")
         # A position by batch or by token: no resuming across. NT-ASGD may be switched
         # on at a resume (its history starts there), not off (its average would be lost).
         then = bool(meta["config"]["run"].get("variable_bptt", False))
@@ -259,6 +280,21 @@ class Checkpointer:
                              f"{'--variable-bptt' if then else '--no-variable-bptt'}")
         if "average" in meta and not self.cfg.optim.ntasgd:
             raise UsageError(f"{where} holds an NT-ASGD state; resume it with --ntasgd")
+
+    def check_data(self, saved: Dict[str, dict], where: str) -> None:
+        """Refuses a checkpoint trained on other data than this run reads: the training
+        split (its position is a batch index into it), and the validation and test
+        splits too, since the plateau decision, the best validation loss and the test
+        loss at the best compare numbers taken on them. saved: the checkpoint's "data"
+        ({} when it records none: an earlier dist-lm's)."""
+        for name in ("train", "valid", "test"):
+            then, now = saved.get(name), self.data.get(name)
+            if then is None or now is None or then == now:
+                continue
+            raise UsageError(f"{where} was trained on other data: its {name} split has sha1 "
+                             f"{then['sha1']} ({then['tokens']:,} tokens), this run's "
+                             f"{now['sha1']} ({now['tokens']:,} tokens); resume it with the "
+                             f"data it was trained on, or start in another --run-dir")
 
 
 def format_of(meta: dict) -> int:
@@ -379,6 +415,7 @@ def write_checkpoint(directory: str, step: int, model, optimizer: Dict[str, mx.n
                    {str(i): mx.nd.array(h) for i, h in enumerate(hidden)})
         meta = dict(meta, format_version=meta.get("format_version", BASE_FORMAT), step=step,
                     files={f: sha256(os.path.join(tmp, f)) for f in FILES})
+        meta[META_DIGEST] = meta_digest(json.loads(json.dumps(meta)))  # as read back
         with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as fh:
             json.dump(meta, fh, indent=1, sort_keys=True)
         for name in FILES + ("meta.json",):
@@ -466,8 +503,16 @@ class Checkpoint:
         return os.path.join(self.path, name)
 
 
+def meta_digest(meta: dict) -> str:
+    """The sha256 of meta.json's content less its own digest, as canonical JSON (sorted
+    keys, no spaces): a changed value is caught whatever the file's layout."""
+    body = {k: v for k, v in meta.items() if k != META_DIGEST}
+    return text_digest(json.dumps(body, sort_keys=True, separators=(",", ":")))
+
+
 def verify(path: str) -> Checkpoint:
-    """Reads meta.json and checks every file's digest; raises UsageError if damaged."""
+    """Reads meta.json and checks its own digest (absent from an earlier dist-lm's) and
+    every file's; raises UsageError if damaged."""
     meta_path = os.path.join(path, "meta.json")
     try:
         with open(meta_path, encoding="utf-8") as fh:
@@ -487,6 +532,10 @@ def verify(path: str) -> Checkpoint:
         raise UsageError(f"checkpoint {path}: unknown format (version "
                          f"{meta.get('format_version') if isinstance(meta, dict) else '?'}, "
                          f"expected {BASE_FORMAT} or {FORMAT_VERSION})")
+    # After the format: one from another version is refused, never skipped as damaged
+    # (its digest may be taken otherwise).
+    if META_DIGEST in meta and meta[META_DIGEST] != meta_digest(meta):
+        raise UsageError(f"checkpoint {path}: meta.json is damaged (digest mismatch)")
     for name in FILES:
         file_path = os.path.join(path, name)
         if not os.path.isfile(file_path):

@@ -26,7 +26,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, TextIO
+from typing import Callable, Dict, List, Optional, TextIO
 
 from ..errors import UsageError
 from ..runtime import selfreport
@@ -180,6 +180,15 @@ class Reporter:
                   + (f" ({'; '.join(said)})" if said else ""))
         self.record("world", step, tokens, {"world/ranks": ranks, "world/restarts": restart,
                                             "reason": reason, "hosts": hosts})
+
+    def world_size_dependence(self, reasons: List[str], global_columns: int) -> None:
+        """Whether the run's numbers depend on its rank count (Config.world_size_dependence;
+        run.json records the same)."""
+        if reasons:
+            self.line(f"The numbers depend on the rank count: {'; '.join(reasons)}")
+        else:
+            self.line(f"The numbers do not depend on the rank count: each step is the one "
+                      f"process with the {global_columns} global columns takes")
 
     def checkpoint(self, step: int, tokens: int, seconds: float) -> None:
         """A checkpoint was written in `seconds` (wall, from the gather of the hidden

@@ -3,7 +3,8 @@
     config.json     the full Config of the run (loadable with --config)
     vocab.json      the vocabulary (GluonNLP Vocab JSON)
     run.json        facts of the run the config does not hold (ranks, eval columns,
-                    each rank's training columns)
+                    each rank's training columns, whether its numbers depend on the
+                    rank count and why: Config.world_size_dependence)
     best.params     parameters with the best validation loss so far
     final.params    parameters at the end of the run
     .lock           locked by the job that writes the directory; names its host and pid

@@ -137,15 +137,19 @@ def train_in(run_dir, cfg: Config, world: World, ctx: mx.Context) -> dict:
                   make_terms(o.alpha, o.beta, world, ctx, weight),
                   make_averager(o.ntasgd, model, o.ntasgd_nonmono))
     checkpointer = Checkpointer(parts, world, run_dir, cfg, vocab_json,
-                                corpus.train.num_batches, windows.done)
+                                corpus.train.num_batches, windows.done, corpus.digests)
     hidden = checkpointer.resume(ctx)
     world.broadcast_params(model.collect_params())
     run_dir.write_json("config.json", cfg.to_dict())
     run_dir.write_text("vocab.json", vocab_json)
     columns = eval_columns(cfg)
+    # Whether another rank count would take other steps, and why (Config decides).
+    dependence = cfg.world_size_dependence()
     run_dir.write_json("run.json", {"ranks": world.size, "eval_columns": columns,
                                     "train_columns": [len(column_range(g, r, world.size))
-                                                      for r in range(world.size)]})
+                                                      for r in range(world.size)],
+                                    "world_size_invariant": not dependence,
+                                    "world_size_dependence": dependence})
     run = Run(cfg, world, ctx, corpus, model, stepper, parts.schedule, parts.progress,
               parts.meter, windows, parts.terms, parts.average, checkpointer,
               Agreement(world, cfg.reliability.checkpoint_minutes,
@@ -157,6 +161,7 @@ def train_in(run_dir, cfg: Config, world: World, ctx: mx.Context) -> dict:
                                  resume_tokens=run.tokens(), fence=run_dir.fence)
     run.reporter.started(world.size)
     run.reporter.world(progress.step, run.tokens(), world.size, selfreport.world())
+    run.reporter.world_size_dependence(dependence, g)
     selfreport.describe("training", lambda: {"step": progress.step,
                                              "checkpoint": checkpointer.newest_step})
     STOP.arm()

@@ -171,8 +171,8 @@ def test_resuming_a_checkpoint_of_an_earlier_scheme_says_the_model_changes(
     either says so in one line."""
     from conftest import TINY, data_args
     from dist_lm.cli import main
-    from dist_lm.training.checkpoint import (EARLIER_RNG_SCHEME, RANK_RNG_SCHEME,
-                                             list_checkpoints)
+    from dist_lm.training.checkpoint import (EARLIER_RNG_SCHEME, META_DIGEST, RANK_RNG_SCHEME,
+                                             list_checkpoints, meta_digest)
 
     run = [*data_args(heldout, heldout, heldout), *TINY, "--num-layers", "2", "--dropout",
            "0.2", "--checkpoint-steps", "5", "--run-dir", str(tmp_path / "run")]
@@ -185,8 +185,9 @@ def test_resuming_a_checkpoint_of_an_earlier_scheme_says_the_model_changes(
                                (7, RANK_RNG_SCHEME, "drew dropout masks per rank")]:
         meta_file = Path(list_checkpoints(str(tmp_path / "run" / "checkpoints"))[-1]) / \
             "meta.json"
-        meta = json.loads(meta_file.read_text())
-        meta_file.write_text(json.dumps(dict(meta, rng=scheme)))
+        meta = dict(json.loads(meta_file.read_text()), rng=scheme)
+        meta[META_DIGEST] = meta_digest(meta)  # as that version would have written it
+        meta_file.write_text(json.dumps(meta))
         assert main(["train", *run, "--resume", "auto", "--max-steps", str(step + 1)]) == 0
         warned = [line for line in capsys.readouterr().err.splitlines()
                   if "earlier dist-lm" in line]

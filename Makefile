@@ -40,8 +40,8 @@ smoke: setup
 	@rm -rf "$(SMOKE_DIR)"
 	@$(VENV)/bin/dist-lm train --train-file $(SAMPLE)/train.txt \
 	  --valid-file $(SAMPLE)/valid.txt --test-file $(SAMPLE)/test.txt --model custom \
-	  --embed-size 64 --hidden-size 64 --num-layers 1 --epochs 2 --log-interval 10 \
-	  --context cpu --cache-dir $(CACHE_DIR) --run-dir $(SMOKE_DIR) $(ARGS)
+	  --embed-size 64 --hidden-size 64 --num-layers 1 --global-batch-size 20 --epochs 2 \
+	  --log-interval 10 --context cpu --cache-dir $(CACHE_DIR) --run-dir $(SMOKE_DIR) $(ARGS)
 
 # The main job, the reference notebook's: standard_lstm_lm_200 trained on WikiText-2's
 # training split for 3 epochs, validated on its valid split and tested on its test split,

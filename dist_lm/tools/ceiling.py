@@ -228,34 +228,40 @@ def gemm_rates(m: int, h: int, v: int, calls: int, repeats: int) -> Dict[str, Di
 
 # --- the job -------------------------------------------------------------------------------
 
-def job_rates(args: argparse.Namespace, variants: List[str]) -> Dict[str, float]:
-    """Median tokens/s of each variant: from --bench-json, or run here, interleaved."""
+def read_bench_json(args: argparse.Namespace, variants: List[str]) -> Dict[str, float]:
+    """The variants' median tokens/s from a `dist-lm bench --json` file (bench.run's
+    layout), refused unless bench measured this model, layout, text and full softmax."""
     from ..errors import UsageError
-    from .bench import _run_one
 
-    if args.bench_json:
-        try:
-            with open(args.bench_json, encoding="utf-8") as fh:
-                bench = json.load(fh)
-            measured, results = bench["args"], bench["results"]
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            raise UsageError(f"--bench-json {args.bench_json}: not a `dist-lm bench --json` "
-                             f"file ({err})") from None
+    where = f"--bench-json {args.bench_json}"
+    try:
+        with open(args.bench_json, encoding="utf-8") as fh:
+            bench = json.load(fh)
+        measured, results = bench["args"], bench["results"]
         for key in ("model", "global_batch_size", "bptt"):
             if measured.get(key) != getattr(args, key):
-                raise UsageError(f"--bench-json {args.bench_json}: measured with --"
-                                 f"{key.replace('_', '-')} {measured.get(key)}, not "
-                                 f"{getattr(args, key)}")
+                raise UsageError(f"{where}: measured with --{key.replace('_', '-')} "
+                                 f"{measured.get(key)}, not {getattr(args, key)}")
         if measured.get("sampled_softmax") is not None:
-            raise UsageError(f"--bench-json {args.bench_json}: measured with a sampled "
-                             f"softmax; the ceiling is the full softmax's")
-        if os.path.abspath(str(measured.get("train_file"))) != os.path.abspath(args.train_file):
-            raise UsageError(f"--bench-json {args.bench_json}: measured on "
-                             f"{measured.get('train_file')}, not {args.train_file}")
+            raise UsageError(f"{where}: measured with a sampled softmax; the ceiling is the "
+                             f"full softmax's")
+        if os.path.abspath(str(measured.get("train_file"))) != \
+                os.path.abspath(args.train_file):
+            raise UsageError(f"{where}: measured on {measured.get('train_file')}, not "
+                             f"{args.train_file}")
         missing = [v for v in variants if v not in results]
         if missing:
-            raise UsageError(f"--bench-json {args.bench_json}: has no {', '.join(missing)}")
+            raise UsageError(f"{where}: has no {', '.join(missing)} (give --variants)")
         return {v: float(results[v]["median_tokens_per_s"]) for v in variants}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise UsageError(f"{where}: not a `dist-lm bench --json` file ({err})") from None
+
+
+def job_rates(args: argparse.Namespace, variants: List[str]) -> Dict[str, float]:
+    """Median tokens/s of each variant over --repeats runs, interleaved, each in its own
+    processes as `dist-lm bench` runs them."""
+    from .bench import _run_one
+
     run_args = argparse.Namespace(
         **vars(args), exchange="dense", fp16_allreduce=False, cycle_time_ms=None,
         fusion_threshold_mb=None, sampled_softmax=None)
@@ -274,6 +280,7 @@ def run(args: argparse.Namespace) -> int:
     from .bench import flops_per_token
 
     variants = check(args)
+    given = read_bench_json(args, variants) if args.bench_json else None
     m = PRESETS[args.model]
     cache = CorpusCache(cache_root(args.cache_dir, args.train_file))
     words = cache.vocab(args.train_file, 1, None)
@@ -287,7 +294,7 @@ def run(args: argparse.Namespace) -> int:
                             m["tie_weights"])
     libs = libraries()
     rates = gemm_rates(tokens, width, vocab, args.calls, args.repeats)
-    jobs = job_rates(args, variants)
+    jobs = given if given is not None else job_rates(args, variants)
     ceiling_path = max(PATHS, key=lambda p: rates[p]["all"])
     ceiling = rates[ceiling_path]["all"]
     mxnet_best = max(("MXNet dot", "MXNet FullyConnected"), key=lambda p: rates[p]["all"])

@@ -345,11 +345,15 @@ def profile(setup: Setup, args: argparse.Namespace, world) -> dict:
     finally:
         os.unlink(trace)
     world.barrier()
-    start_us, end_us = start * 1e6, end * 1e6
+    # Microseconds from the first profiled step's start: epoch microseconds (~1.8e15)
+    # keep only a quarter of a microsecond in a float.
+    base = start * 1e6
+    start_us, end_us = 0.0, end * 1e6 - base
+    ops = [(name, a - base, b - base) for name, a, b in ops]
     ops = [op for op in ops if op[2] > start_us and op[1] < end_us]
     kinds = classify([name for name, _, _ in ops])
     spans = [Span(name, kind, a, b) for (name, a, b), kind in zip(ops, kinds)]
-    host = [Span("host mask draw", "host mask draw", a, b) for a, b in draws]
+    host = [Span("host mask draw", "host mask draw", a - base, b - base) for a, b in draws]
     per_step = 1e3 * args.steps  # microseconds over all steps -> ms per step
     classes = {k: v / per_step for k, v in attribute(spans + host, start_us, end_us).items()}
     # Each operator's own time (overlaps counted in full), by name and class: an
@@ -358,13 +362,15 @@ def profile(setup: Setup, args: argparse.Namespace, world) -> dict:
     for s in spans:
         row = operators.setdefault((s.name, s.kind), {"name": s.name, "class": s.kind,
                                                       "calls": 0.0, "ms": 0.0})
-        row["calls"] += 1 / args.steps
+        row["calls"] += 1
         row["ms"] += (min(s.end, end_us) - max(s.start, start_us)) / per_step
+    for row in operators.values():
+        row["calls"] /= args.steps
     # The host's draw is credited only while no operator ran: the rest of it was hidden.
     drawn = sum(b - a for a, b in draws) / per_step
     exposed = classes.pop("host mask draw", 0.0)
     classes["masks"] += exposed
-    wall = (end - start) * 1e3 / args.steps
+    wall = end_us / per_step
     return {"rank": world.rank, "ranks": world.size, "columns": setup.columns,
             "step_ms": wall, "classes": classes,
             "operators": sorted(operators.values(), key=lambda row: -row["ms"]),

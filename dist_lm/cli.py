@@ -5,8 +5,10 @@
     dist-lm generate --run-dir DIR    sample text from a trained run
     dist-lm report RUN_DIR...         curves of runs as a PNG, and a summary
     dist-lm bench --train-file F      throughput of the reference loop and of dist-lm
-    dist-lm bench-profile --train-file F  where a training step's time goes, by operator class
-    dist-lm bench-ceiling --train-file F  the decoder's GEMM rate here, and the job's share of it
+    dist-lm bench-profile --train-file F
+                                      where a training step's time goes, by operator class
+    dist-lm bench-ceiling --train-file F
+                                      the decoder's GEMM rate here, and the job's share of it
     dist-lm bench-scale --dir D       start-up and memory at WikiText-103 size
     dist-lm bench-net --train-file F  the allreduce across simulated nodes, shaped links
     dist-lm chaos [--seed S]          an elastic job on simulated nodes under random faults

@@ -24,7 +24,14 @@ to what runs then, operators first; Horovod's allreduce (its own thread) only wh
 other operator runs; the host's mask draw only when no operator runs at all; time when
 several operators of one kind run at once is split between them. What is left, no
 operator and no draw, is "Python and synchronisation": the host building the next step
-while the engine waits for it. The profiler costs about 1% (docs/performance.md).
+while the engine waits for it.
+
+MXNet would merge operators into segments (the graph's bulk execution, and the
+engine's "ImperativeBulk" runs of imperative operators when the profiler does not
+aggregate), so `run` turns bulking off before the graph is built and the profiler
+aggregates. Bulking off cost about 1% of a step when it was measured
+(docs/performance.md); the profiler's own cost is not measured: compare the step time
+with `dist-lm bench`'s `local`.
 """
 
 from __future__ import annotations

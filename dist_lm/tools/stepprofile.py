@@ -251,7 +251,11 @@ def run(args: argparse.Namespace) -> int:
 
     world = make_world("auto")
     try:
-        setup = run_everywhere(world, lambda: build(args, world), "bench-profile")
+        # The data's checks agree over the ranks (one line on every rank); the model's
+        # broadcast, a collective, comes after.
+        batches, vocab, columns = run_everywhere(world, lambda: load(args, world),
+                                                 "bench-profile")
+        setup = build(args, world, batches, vocab, columns)
         result = profile(setup, args, world)
         results = world.allgather_object(result, name="bench-profile.results")
         if world.is_root:
@@ -271,42 +275,47 @@ class Setup:
     states: list
     vocab: int
     columns: int
-    first_column: int
 
 
-def build(args: argparse.Namespace, world) -> Setup:
-    """This rank's step, as training builds it: its columns of the global batch, the
-    model, the stepper (with its trainer and mask generator)."""
-    import mxnet as mx
-
-    from ..config import Config
+def load(args: argparse.Namespace, world):
+    """This rank's columns of the global batch, as training lays them out: the batches
+    (inputs, targets) of the warm-up and profiled steps, the vocabulary's size and the
+    rank's column count. No collective: `run_everywhere` agrees on its errors."""
     from ..data import text as D
     from ..data.cache import CorpusCache, cache_root
     from ..errors import UsageError
-    from ..model import build_model
-    from ..training.stepper import Stepper, seed_everything
 
     g = args.global_batch_size
     if g < world.size:
         raise UsageError(f"--global-batch-size {g} is smaller than the {world.size} ranks")
-    cfg = Config(model=model_config(args))
-    cfg.run.global_batch_size, cfg.run.bptt = g, args.bptt
-    seed_everything(cfg.run.seed)
-    ctx = mx.cpu()
     cache = CorpusCache(cache_root(args.cache_dir, args.train_file))
     vocab = cache.vocab(args.train_file, 1, None)
     mine = D.column_range(g, world.rank, world.size)
     shard = D.layout_columns(cache.ids(args.train_file, vocab), g, mine, args.bptt,
                              args.train_file)
-    count = args.warmup + args.steps
-    batches = [shard.batch(i % shard.num_batches) for i in range(count)]
-    model = build_model(cfg.model, len(vocab))
+    batches = [shard.batch(i % shard.num_batches) for i in range(args.warmup + args.steps)]
+    return batches, len(vocab), len(mine)
+
+
+def build(args: argparse.Namespace, world, batches: list, vocab: int, columns: int) -> Setup:
+    """This rank's step, as training builds it: the model (rank 0's parameters on every
+    rank) and the stepper, with its trainer and mask generator."""
+    import mxnet as mx
+
+    from ..config import Config
+    from ..model import build_model
+    from ..training.stepper import Stepper, seed_everything
+
+    cfg = Config(model=model_config(args))
+    cfg.run.global_batch_size, cfg.run.bptt = args.global_batch_size, args.bptt
+    seed_everything(cfg.run.seed)
+    ctx = mx.cpu()
+    model = build_model(cfg.model, vocab)
     model.initialize(mx.init.Xavier(), ctx=ctx)
     world.broadcast_params(model.collect_params())
-    weight = len(mine) * world.size / g  # w_r = b_r N / G (runtime/dist.py)
+    weight = columns * world.size / args.global_batch_size  # w_r = b_r N / G (dist.py)
     stepper = Stepper(model, cfg, world, ctx, weight)
-    return Setup(stepper, batches, model.begin_state(len(mine), ctx), len(vocab),
-                 len(mine), mine.start)
+    return Setup(stepper, batches, model.begin_state(columns, ctx), vocab, columns)
 
 
 def profile(setup: Setup, args: argparse.Namespace, world) -> dict:
@@ -333,6 +342,7 @@ def profile(setup: Setup, args: argparse.Namespace, world) -> dict:
     steps(0, args.warmup)
     mx.nd.waitall()
     world.barrier()
+    draws.clear()  # the profiled steps' draws only
     trace = os.path.join(tempfile.gettempdir(), f"dist-lm-step-profile-{os.getpid()}.json")
     # aggregate_stats: with it off, MXNet's engine merges runs of imperative operators
     # into "ImperativeBulk" events (the graph's own segments are off, see `run`).

@@ -5,6 +5,10 @@
     dist-lm generate --run-dir DIR    sample text from a trained run
     dist-lm report RUN_DIR...         curves of runs as a PNG, and a summary
     dist-lm bench --train-file F      throughput of the reference loop and of dist-lm
+    dist-lm bench-profile --train-file F
+                                      where a training step's time goes, by operator class
+    dist-lm bench-ceiling --train-file F
+                                      the decoder's GEMM rate here, and the job's share of it
     dist-lm bench-scale --dir D       start-up and memory at WikiText-103 size
     dist-lm bench-net --train-file F  the allreduce across simulated nodes, shaped links
     dist-lm chaos [--seed S]          an elastic job on simulated nodes under random faults
@@ -142,6 +146,16 @@ def build_parser() -> argparse.ArgumentParser:
     from .tools.bench import add_args as add_bench_args
     p = sub.add_parser("bench", help="throughput of the reference loop and of dist-lm")
     add_bench_args(p)
+
+    from .tools.stepprofile import add_args as add_profile_args
+    p = sub.add_parser("bench-profile", help="where a training step's time goes, by "
+                                             "operator class (MXNet's profiler)")
+    add_profile_args(p)
+
+    from .tools.ceiling import add_args as add_ceiling_args
+    p = sub.add_parser("bench-ceiling", help="the decoder's GEMM rate on this machine "
+                                             "(MXNet and numpy), and the job's share of it")
+    add_ceiling_args(p)
 
     from .tools.scale import add_args as add_scale_args
     p = sub.add_parser("bench-scale", help="start-up and memory on a WikiText-103-size "
@@ -291,6 +305,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_bench_profile(args: argparse.Namespace) -> int:
+    from .tools.stepprofile import run
+
+    return run(args)
+
+
+def cmd_bench_ceiling(args: argparse.Namespace) -> int:
+    from .tools.ceiling import run
+
+    return run(args)
+
+
 def cmd_bench_scale(args: argparse.Namespace) -> int:
     from .tools.scale import run
 
@@ -367,6 +393,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             args = parse(argv)
             commands = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate,
                         "report": cmd_report, "bench": cmd_bench,
+                        "bench-profile": cmd_bench_profile, "bench-ceiling": cmd_bench_ceiling,
                         "bench-scale": cmd_bench_scale, "bench-net": cmd_bench_net,
                         "chaos": cmd_chaos, "data": cmd_data}
             outcome.set(commands[args.command](args))

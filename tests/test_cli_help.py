@@ -46,8 +46,8 @@ def test_every_subcommand_is_listed_launch_too():
     proc = dist_lm("--help")
     assert proc.returncode == 0, proc.stderr
     choices = re.search(r"\{([a-z,-]+)\}", proc.stdout).group(1).split(",")
-    assert set(choices) >= {"train", "eval", "generate", "report", "bench", "bench-scale",
-                            "bench-net", "launch"}
+    assert set(choices) >= {"train", "eval", "generate", "report", "bench", "bench-profile",
+                            "bench-ceiling", "bench-scale", "bench-net", "launch"}
     for name in choices:  # each with its one-line description
         assert re.search(rf"^    {re.escape(name)} +\S", proc.stdout, re.M), proc.stdout
     launch = dist_lm("launch", "--help")  # still the launcher supervisor's own usage
@@ -104,8 +104,8 @@ def test_version():
 
 def test_the_other_subcommands_show_their_defaults_and_name_their_values():
     """Every option with a default says it; no value is shown as a bare type letter."""
-    for command in ("eval", "generate", "report", "bench", "bench-scale", "bench-net",
-                    "launch", "train"):
+    for command in ("eval", "generate", "report", "bench", "bench-profile", "bench-ceiling",
+                    "bench-scale", "bench-net", "launch", "train"):
         args = (command, "--help") if command != "eval" else ("eval", "-h")
         proc = dist_lm(*args)
         assert proc.returncode == 0, proc.stderr

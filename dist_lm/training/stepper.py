@@ -121,8 +121,7 @@ class Stepper:
                      to_nd(drawn.log_expected, self.ctx)]
             rows = np.unique(np.concatenate([inputs.ravel(), targets.ravel(), drawn.ids]))
         # After the loss block's own inputs: each (T, b, W) or (1, b, W), in site order.
-        args += [to_nd(mask, self.ctx) for mask in self.masks.draw(step, *inputs.shape)] \
-            if self.masks else []
+        args += self.mask_inputs(step, *inputs.shape) if self.masks else []
         with autograd.record():
             if self.regularized:  # loss: the cross-entropy alone
                 objective, loss, self.terms, states = self.loss_block(*args)
@@ -137,6 +136,12 @@ class Stepper:
             self._in_flight.wait_to_read()
         self._in_flight = loss
         return loss, norm, finite * mx.nd.contrib.isfinite(objective), states
+
+    def mask_inputs(self, step: int, steps: int, columns: int):
+        """This rank's activation masks of optimizer step `step` on the device, drawn on
+        the host (masks.py), in site order: each (steps, b, W) or (1, b, W). Its own method,
+        so that `dist-lm bench-profile` can time the host's part of the dropout."""
+        return [to_nd(mask, self.ctx) for mask in self.masks.draw(step, steps, columns)]
 
 
 def seed_everything(seed: int) -> None:

@@ -153,11 +153,11 @@ def test_the_table_counts_by_kind_and_a_failed_check_fails_the_summary():
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
 def test_a_short_campaign_survives_its_faults(tmp_path):
-    """4 nodes, 4 faults over ~3 minutes, the recipe's dropout on, the run checked
+    """4 nodes, 4 faults over ~2 minutes, the recipe's dropout on, the run checked
     against one process."""
     env = {"SIM_PREFIX": os.environ.get("SIM_PREFIX", "dlmchaos"),
            "SIM_STATE_DIR": os.environ.get("SIM_STATE_DIR", str(tmp_path / "state"))}
-    done = run(["bash", REPO / "launch" / "chaos", "--nodes", "4", "--duration", "180",
+    done = run(["bash", REPO / "launch" / "chaos", "--nodes", "4", "--duration", "100",
                 "--faults", "4", "--seed", "2",
                 "--kinds", "partition,heal,kill-rank,prestop,kill-launcher",
                 "--work-dir", tmp_path / "work"],

@@ -3,6 +3,7 @@ argument parser, the Makefile's targets, the launchers' --dry-run), every file i
 exists, and its `make smoke` console sample has the lines `make smoke` prints, the
 first and the last included (numbers masked: they move with the machine and the model)."""
 
+import os
 import re
 import resource
 import shlex
@@ -115,9 +116,13 @@ def test_make_smoke_prints_the_readmes_console_sample_within_a_minute(tmp_path):
     directories in tmp_path; its CPU time (not its wall time: the machine is shared)
     stays under a minute."""
     run_dir = tmp_path / "smoke"
-    recipe = subprocess.run(["make", "-n", "smoke", f"VENV={BIN.parent}",
-                             f"SMOKE_DIR={run_dir}", f"CACHE_DIR={tmp_path / 'cache'}"],
-                            cwd=REPO, capture_output=True, text=True, check=True).stdout
+    # Under `make test` MAKELEVEL and MAKEFLAGS would make it print "make[1]: Entering".
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
+    recipe = subprocess.run(["make", "-n", "--no-print-directory", "smoke",
+                             f"VENV={BIN.parent}", f"SMOKE_DIR={run_dir}",
+                             f"CACHE_DIR={tmp_path / 'cache'}"],
+                            cwd=REPO, capture_output=True, text=True, check=True,
+                            env=env).stdout
     recipe = "\n".join(line for line in recipe.splitlines() if "setup-env" not in line)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = run(["bash", "-c", recipe], timeout=300)

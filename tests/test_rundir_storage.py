@@ -17,11 +17,17 @@ import pytest
 from conftest import TINY, data_args
 from dist_lm.cli import main
 from dist_lm.data.cache import CorpusCache
-from dist_lm.errors import RunDirBusy, RunDirLost, UsageError
+from dist_lm.errors import RunDirBusy, RunDirLost, UsageError, exit_code_of
 from dist_lm.training import observe
 from dist_lm.training import rundir as R
 from dist_lm.training.checkpoint import find_resume, list_checkpoints, verify
 from dist_lm.training.rundir import RunDir
+
+
+@pytest.fixture(autouse=True)
+def no_retry_pauses(monkeypatch):
+    """Transient storage errors are tried again at once here (rundir.retrying)."""
+    monkeypatch.setattr(R, "RETRY_DELAYS_S", (0.0, 0.0, 0.0))
 
 
 def tiny_model(value=0.0):
@@ -376,3 +382,39 @@ def test_a_run_that_fails_on_bad_input_leaves_no_lock_and_a_second_run_starts(
     assert code == 2 and len(err.splitlines()) == 1, err
     assert os.listdir(run_dir) == []  # no .lock left behind
     RunDir(str(run_dir)).release()
+
+
+# --- transient storage errors ---------------------------------------------------------------
+
+@pytest.mark.parametrize("code,fails,tries,written", [
+    (errno.EIO, 2, 3, True),       # passes on the third try
+    (errno.ESTALE, 9, 4, False),   # never passes: 1 + 3 tries, then exit 7
+    (errno.ENOSPC, 9, 1, False)])  # not transient: no second try, exit 2
+def test_a_checkpoint_write_is_tried_again_while_storage_fails_transiently(
+        tmp_path, monkeypatch, capsys, code, fails, tries, written):
+    from dist_lm.training import checkpoint
+
+    run_dir = RunDir(str(tmp_path))
+    real, calls = checkpoint.write_checkpoint, []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) <= fails:
+            raise OSError(code, os.strerror(code))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "write_checkpoint", flaky)
+    if written:
+        save(run_dir, 4)
+        assert steps(tmp_path / "checkpoints") == [4]
+    else:
+        with pytest.raises(UsageError) as err:
+            save(run_dir, 4)
+        assert exit_code_of(err.value) == (7 if code != errno.ENOSPC else 2)
+        assert os.strerror(code) in str(err.value)
+    assert len(calls) == tries
+    notes = [x for x in capsys.readouterr().err.splitlines() if "trying again" in x]
+    assert len(notes) == tries - 1
+    assert all(x.startswith("dist-lm: note: the checkpoint write of step 4 failed (")
+               for x in notes)
+    run_dir.release()

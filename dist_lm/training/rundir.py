@@ -34,9 +34,15 @@ import socket
 import tempfile
 import time
 import uuid
-from typing import Callable, List
+from typing import Callable, List, TypeVar
 
-from ..errors import RunDirBusy, RunDirLost, UsageError
+from ..errors import TRANSIENT_ERRNOS, RunDirBusy, RunDirLost, UsageError
+
+T = TypeVar("T")
+# A write that fails with an error storage may clear by itself (errors.TRANSIENT_ERRNOS:
+# NFS's lock manager away, a stale handle after a server failover, an I/O error) is tried
+# again after these pauses before the job stops (exit 7, errors.StorageUnavailable).
+RETRY_DELAYS_S = (1.0, 2.0, 4.0)
 
 
 # atomic_write's temporary names: ".NAME.XXXXXXXX.tmp" (8 of tempfile's letters, as
@@ -275,14 +281,16 @@ class RunDir:
 
     def write_text(self, name: str, text: str) -> None:
         try:
-            write_text(self.file(name), text, self.fence)
+            retrying(f"the write of {self.file(name)}",
+                     lambda: write_text(self.file(name), text, self.fence))
         except OSError as err:
             self.fence()
             raise UsageError(f"cannot write {self.file(name)}: {err.strerror}") from None
 
     def save_params(self, name: str, block) -> None:
         try:
-            atomic_write(self.file(name), block.save_parameters, self.fence)
+            retrying(f"the write of {self.file(name)}", lambda: atomic_write(
+                self.file(name), block.save_parameters, self.fence))
         except _write_errors() as err:
             self.fence()
             raise UsageError(f"cannot write {self.file(name)}: {_reason(err)}") from None
@@ -293,8 +301,8 @@ class RunDir:
 
         directory = self.file("checkpoints")
         try:
-            write_checkpoint(directory, step, model, optimizer, hidden, meta, keep, protect,
-                             self.fence)
+            retrying(f"the checkpoint write of step {step}", lambda: write_checkpoint(
+                directory, step, model, optimizer, hidden, meta, keep, protect, self.fence))
         except _write_errors() as err:
             self.fence()  # a job that took the directory over may have removed ours
             raise UsageError(f"cannot write the checkpoint of step {step} in {directory}: "
@@ -339,6 +347,25 @@ class RunDir:
         hidden = mx.nd.load(found.file("hidden.nd"))
         arrays.update((f"hidden/{i}", hidden[str(i)].asnumpy()) for i in range(len(hidden)))
         return arrays
+
+
+def retrying(what: str, action: Callable[[], T]) -> T:
+    """action(), tried again after each of RETRY_DELAYS_S while it fails with a transient
+    storage error (one note line each); any other error, or the last one, is raised. Each
+    try starts over: a checkpoint write removes what a failed one left (write_checkpoint),
+    and every file is renamed into place whole."""
+    for delay in RETRY_DELAYS_S:
+        try:
+            return action()
+        except OSError as err:
+            if err.errno not in TRANSIENT_ERRNOS:
+                raise
+            from ..runtime.lifecycle import say
+
+            say(f"dist-lm: note: {what} failed ({err.strerror or err}); trying again in "
+                f"{delay:g}s")
+            time.sleep(delay)
+    return action()
 
 
 def _write_errors() -> tuple:

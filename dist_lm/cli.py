@@ -28,6 +28,7 @@ and exits 4 at once, without the tracebacks MXNet's exit handlers would add.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 import difflib
@@ -90,6 +91,21 @@ def unrecognized(parser: argparse.ArgumentParser, extras: List[str]) -> str:
     return message + (f" (did you mean: {', '.join(hints)}?)" if hints else "")
 
 
+# Subcommand, module in dist_lm/tools, help: the measurement tools (`add_args` each).
+TOOLS = [
+    ("bench", "bench", "throughput of the reference loop and of dist-lm"),
+    ("bench-profile", "stepprofile",
+     "where a training step's time goes, by operator class (MXNet's profiler)"),
+    ("bench-ceiling", "ceiling",
+     "the decoder's GEMM rate on this machine (MXNet and numpy), and the job's share of it"),
+    ("bench-scale", "scale", "start-up and memory on a WikiText-103-size synthetic corpus"),
+    ("bench-net", "netbench",
+     "the gradient allreduce across simulated nodes with shaped links (root)"),
+    ("chaos", "chaos", "an elastic job on simulated nodes under random faults, checked "
+                       "against an uninterrupted run (root)"),
+]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="dist-lm", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=f"dist-lm {__version__}")
@@ -143,34 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     p.add_argument("--out", default="report.png", metavar="FILE", help="the PNG to write")
 
-    from .tools.bench import add_args as add_bench_args
-    p = sub.add_parser("bench", help="throughput of the reference loop and of dist-lm")
-    add_bench_args(p)
-
-    from .tools.stepprofile import add_args as add_profile_args
-    p = sub.add_parser("bench-profile", help="where a training step's time goes, by "
-                                             "operator class (MXNet's profiler)")
-    add_profile_args(p)
-
-    from .tools.ceiling import add_args as add_ceiling_args
-    p = sub.add_parser("bench-ceiling", help="the decoder's GEMM rate on this machine "
-                                             "(MXNet and numpy), and the job's share of it")
-    add_ceiling_args(p)
-
-    from .tools.scale import add_args as add_scale_args
-    p = sub.add_parser("bench-scale", help="start-up and memory on a WikiText-103-size "
-                                           "synthetic corpus")
-    add_scale_args(p)
-
-    from .tools.netbench import add_args as add_net_args
-    p = sub.add_parser("bench-net", help="the gradient allreduce across simulated nodes "
-                                         "with shaped links (root)")
-    add_net_args(p)
-
-    from .tools.chaos import add_args as add_chaos_args
-    p = sub.add_parser("chaos", help="an elastic job on simulated nodes under random "
-                                     "faults, checked against an uninterrupted run (root)")
-    add_chaos_args(p)
+    # The measurement tools: each module's add_args fills its subcommand's options.
+    for name, module, text in TOOLS:
+        p = sub.add_parser(name, help=text)
+        importlib.import_module(f".tools.{module}", __package__).add_args(p)
 
     p = sub.add_parser("data", help="print where a dataset's splits are, fetched "
                                     "(sha1-verified) when missing",

@@ -72,11 +72,10 @@ from ..errors import UsageError
 from ..runtime.procs import kill_session
 from .chaos_checks import (Check, Fault, Line, Summary, attribute, metrics_gaps,
                            read_metrics, table, train_steps)
+from .simnodes import NO_NETNS, SIM, sim_cluster
 
 ROOT = Path(__file__).resolve().parents[2]   # the checkout: launch/, k8s/
-SIM = ROOT / "launch" / "sim-cluster"
 MPIJOB = ROOT / "k8s" / "base" / "mpijob.yaml"
-NO_NETNS = 77
 KINDS = ("partition", "heal", "kill-rank", "prestop", "sshd-stop", "sshd-start",
          "kill-launcher", "kill-supervisor", "disk-full", "slow-storage",
          "return-during-restart")
@@ -219,14 +218,8 @@ class Cluster:
 
     def sim(self, *args: str, check: bool = True, timeout: float = 300) -> \
             subprocess.CompletedProcess:
-        done = subprocess.run([str(SIM), *args], env=self.env, capture_output=True,
-                              text=True, timeout=timeout)
-        if done.returncode == NO_NETNS:
-            raise NoCluster("chaos: " + done.stderr.strip().splitlines()[-1])
-        if check and done.returncode != 0:
-            raise UsageError(f"chaos: sim-cluster {' '.join(args)} failed: "
-                             f"{(done.stderr.strip().splitlines() or ['?'])[-1]}")
-        return done
+        return sim_cluster("chaos", self.env, *args, check=check, timeout=timeout,
+                           no_netns=NoCluster)
 
     def up(self) -> None:
         if not SIM.is_file():

@@ -28,15 +28,13 @@ import re
 import subprocess
 import sys
 import tempfile
-from pathlib import Path
 from typing import Dict, List
 
 from ..errors import UsageError
 from ..runtime.procs import kill_session
+from .simnodes import SIM, sim_cluster
 
 # launch/sim-cluster of the checkout this package runs from (dist_lm/tools/ -> the root).
-SIM = Path(__file__).resolve().parents[2] / "launch" / "sim-cluster"
-NO_NETNS = 77
 UNITS = {"kbit": 1e3, "mbit": 1e6, "gbit": 1e9}
 
 
@@ -75,14 +73,7 @@ class Cluster:
         self.nodes = nodes
 
     def sim(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        done = subprocess.run([str(SIM), *args], env=self.env, capture_output=True,
-                              text=True, timeout=300)
-        if done.returncode == NO_NETNS:
-            raise UsageError("bench-net: " + done.stderr.strip().splitlines()[-1])
-        if check and done.returncode != 0:
-            raise UsageError(f"bench-net: sim-cluster {' '.join(args)} failed: "
-                             f"{(done.stderr.strip().splitlines() or ['?'])[-1]}")
-        return done
+        return sim_cluster("bench-net", self.env, *args, check=check)
 
     def __enter__(self) -> "Cluster":
         if not SIM.is_file():

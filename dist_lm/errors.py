@@ -61,7 +61,10 @@ class StorageUnavailable(UsageError):
 
 
 # The errno values of an OSError that storage may clear by itself.
-TRANSIENT_ERRNOS = frozenset({errno.ENOLCK, errno.EIO, errno.ESTALE, errno.ETIMEDOUT})
+# A full disk or quota (ENOSPC, EDQUOT) is one: another job's files or a clean-up free it,
+# and an elastic job that ended on it would lose its run (found by `dist-lm chaos`).
+TRANSIENT_ERRNOS = frozenset({errno.ENOLCK, errno.EIO, errno.ESTALE, errno.ETIMEDOUT,
+                              errno.ENOSPC, errno.EDQUOT})
 
 
 def exit_code_of(err: UsageError) -> int:

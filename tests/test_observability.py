@@ -237,7 +237,7 @@ def test_a_short_run_says_where_it_writes_logs_each_epoch_once_and_lists_its_fil
     assert (run_dir / "best.params").is_file() and list(run_dir.glob("events.out.*"))
 
 
-@pytest.mark.parametrize("code,exit_code", [(28, 2), (5, 7)])  # ENOSPC, EIO
+@pytest.mark.parametrize("code,exit_code", [(28, 7), (5, 7), (13, 2)])  # ENOSPC, EIO, EACCES
 def test_a_metrics_write_that_fails_is_one_error_and_closes_quietly(tmp_path, code,
                                                                     exit_code):
     """A full disk (or failed storage) under TensorBoard's writer: one error, not a
@@ -261,7 +261,7 @@ def test_a_metrics_write_that_fails_is_one_error_and_closes_quietly(tmp_path, co
                                          + os.strerror(code)) as raised:
         reporter.record("train", 5, 100, {"train/loss": 1.0})
     assert exit_code_of(raised.value) == exit_code
-    assert errno.ENOSPC == 28 and errno.EIO == 5
+    assert (errno.ENOSPC, errno.EIO, errno.EACCES) == (28, 5, 13)
     reporter.close()  # nothing left to close
     for file_writer in file_writers:  # what tensorboardX's exit hook calls
         assert file_writer.event_writer._closed

@@ -419,3 +419,28 @@ def test_a_checkpoint_write_is_tried_again_while_storage_fails_transiently(
     assert all(x.startswith("dist-lm: note: the checkpoint write of step 4 failed (")
                for x in notes)
     run_dir.release()
+
+
+@pytest.mark.parametrize("free,code", [(0, 7), (10 ** 12, 2)])
+def test_a_short_write_on_a_full_disk_is_storage_that_may_pass(tmp_path, monkeypatch, free,
+                                                               code):
+    """MXNet reports a full disk as a short write that names no cause: with less room
+    left than the parameters take it is ENOSPC (tried again, then exit 7), else exit 2
+    as before (a file-size limit)."""
+    from dist_lm.training import checkpoint
+
+    run_dir = RunDir(str(tmp_path))
+
+    def short(*args, **kwargs):
+        raise mx.base.MXNetError("FileStream.Write incomplete")
+
+    class Stat:
+        f_bavail, f_frsize = free, 1
+
+    monkeypatch.setattr(checkpoint, "write_checkpoint", short)
+    monkeypatch.setattr(os, "statvfs", lambda path: Stat())
+    with pytest.raises(UsageError) as err:
+        save(run_dir, 4)
+    assert exit_code_of(err.value) == code
+    assert ("No space left on device" in str(err.value)) == (code == 7)
+    run_dir.release()

@@ -25,6 +25,7 @@ report) takes no lock.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -289,8 +290,9 @@ class RunDir:
 
     def save_params(self, name: str, block) -> None:
         try:
-            retrying(f"the write of {self.file(name)}", lambda: atomic_write(
-                self.file(name), block.save_parameters, self.fence))
+            retrying(f"the write of {self.file(name)}", lambda: full_disk_as_oserror(
+                self.path, block, lambda: atomic_write(self.file(name), block.save_parameters,
+                                                       self.fence)))
         except _write_errors() as err:
             self.fence()
             raise UsageError(f"cannot write {self.file(name)}: {_reason(err)}") from None
@@ -301,8 +303,10 @@ class RunDir:
 
         directory = self.file("checkpoints")
         try:
-            retrying(f"the checkpoint write of step {step}", lambda: write_checkpoint(
-                directory, step, model, optimizer, hidden, meta, keep, protect, self.fence))
+            retrying(f"the checkpoint write of step {step}", lambda: full_disk_as_oserror(
+                directory, model, lambda: write_checkpoint(
+                    directory, step, model, optimizer, hidden, meta, keep, protect,
+                    self.fence)))
         except _write_errors() as err:
             self.fence()  # a job that took the directory over may have removed ours
             raise UsageError(f"cannot write the checkpoint of step {step} in {directory}: "
@@ -366,6 +370,26 @@ def retrying(what: str, action: Callable[[], T]) -> T:
                 f"{delay:g}s")
             time.sleep(delay)
     return action()
+
+
+def full_disk_as_oserror(directory: str, model, write: Callable[[], T]) -> T:
+    """write(), with MXNet's short write ('FileStream.Write incomplete', an MXNetError that
+    names no cause) raised as ENOSPC when the file system has less room left than the
+    model's parameters take: a full disk, which may pass (errors.TRANSIENT_ERRNOS), rather
+    than a file-size limit or bad input. The write's own files are gone by then (every
+    write removes what it left), so the room counted is what others left."""
+    import mxnet as mx
+    import numpy as np
+
+    try:
+        return write()
+    except mx.base.MXNetError:
+        need = sum(int(np.prod(p.shape)) * np.dtype(p.dtype).itemsize
+                   for p in model.collect_params().values())
+        stat = os.statvfs(directory)
+        if stat.f_bavail * stat.f_frsize < need:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) from None
+        raise
 
 
 def _write_errors() -> tuple:

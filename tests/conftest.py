@@ -98,6 +98,29 @@ def pytest_configure(config):
 
 
 @pytest.fixture(scope="session")
+def session_environment(corpus_cache):
+    """os.environ as the session set it up."""
+    return dict(os.environ)
+
+
+@pytest.fixture(autouse=True)
+def environment_restored(session_environment):
+    """Every test runs in, and leaves, the session's os.environ. `dist-lm`'s main(), run
+    in-process by some tests and module fixtures, sets OMP_NUM_THREADS to the cores per
+    rank (launcher_env.configure_threads) as a rank must; left in this process, every
+    later `mpirun -x OMP_NUM_THREADS` gave each of its ranks all the cores, and 4 ranks on
+    2 cores ran up to 8 times slower."""
+    def restore():
+        if os.environ != session_environment:
+            os.environ.clear()
+            os.environ.update(session_environment)
+
+    restore()  # a module fixture's leak
+    yield
+    restore()  # the test's own
+
+
+@pytest.fixture(scope="session")
 def shared_data():
     """The directory of the WikiText-2 splits the tests read."""
     return WIKITEXT2

@@ -10,6 +10,7 @@ takes SIM_PREFIX, SIM_NET and SIM_STATE_DIR from the environment when set.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -19,7 +20,7 @@ import pytest
 
 from conftest import NO_NETNS, REPO, dist_lm, run
 from dist_lm.errors import UsageError
-from dist_lm.tools.chaos import KINDS, draw, schedule_from
+from dist_lm.tools.chaos import KINDS, draw, launch_argv, schedule_from
 from dist_lm.tools.chaos_checks import (Check, Fault, Line, Summary, attribute,
                                         metrics_gaps, table)
 
@@ -145,6 +146,20 @@ def test_the_table_counts_by_kind_and_a_failed_check_fails_the_summary():
     assert re.search(r"^partition +2 +2 +2 +5 / 10 +28.0 / 31.0$", text, re.M), text
     assert re.search(r"^all +3 +2 +2 ", text, re.M), text
     assert "JOB ENDED" in text and "check FAIL parameters: max |diff| 1e-3" in text
+
+
+def test_every_rank_gets_the_numerics_variables_of_the_uninterrupted_run(monkeypatch):
+    """No rank runs beside mpirun: a BLAS setting the reference run had but the nodes'
+    ranks lacked made the two compute apart (1.6e-3 after 9,000 steps)."""
+    monkeypatch.setenv("OPENBLAS_CORETYPE", "Haswell")
+    monkeypatch.setenv("MXNET_ENGINE_TYPE", "ThreadedEnginePerDevice")
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    args = argparse.Namespace(nodes=4, controller="mpi")
+    argv = launch_argv(args, REPO / "discover.sh", 2, ["--lr", "1"])
+    exported = {argv[i + 1] for i, a in enumerate(argv[:argv.index("dist-lm", 1)])
+                if a == "-x"}
+    assert {"OPENBLAS_CORETYPE", "MXNET_ENGINE_TYPE", "OMP_NUM_THREADS=1"} <= exported
+    assert "MKL_NUM_THREADS" not in exported and "OMP_NUM_THREADS" not in exported
 
 
 # --- a short campaign -------------------------------------------------------------------

@@ -208,14 +208,14 @@ def test_soak_no_memory_growth_and_no_drift(tmp_path):
     proc = run(launcher("gloo", 2, BIN / "dist-lm", "train", *data_args(corpus, corpus, corpus),
                         "--model", "custom", "--embed-size", "16", "--hidden-size", "16",
                         "--num-layers", "1", "--context", "cpu", "--batch-size", "4",
-                        "--bptt", "5", "--epochs", "2", "--log-interval", "250",
+                        "--bptt", "5", "--epochs", "1", "--log-interval", "100",
                         "--check-sync-interval", "250", "--run-dir", tmp_path / "run"),
                timeout=900)
     assert proc.returncode == 0, proc.stderr
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     rows = [json.loads(line) for line in lines if '"train"' in line]
     steps = rows[-1]["step"]
-    assert steps >= 2500, steps
+    assert steps >= 1400, steps
     rss = [r["system/rss_mb_max"] for r in rows]
     settled = rss[len(rss) // 4]
     print(f"soak: {steps} steps at 2 ranks, max RSS per rank {rss[0]:.0f} MB at step "

@@ -69,6 +69,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from ..errors import UsageError
+from ..runtime import launcher_env
 from ..runtime.procs import kill_session
 from .chaos_checks import (Check, Fault, Line, Summary, attribute, metrics_gaps,
                            read_metrics, table, train_steps)
@@ -472,8 +473,14 @@ def launch_argv(args, discovery: Path, min_np: int, train: List[str]) -> List[st
     if args.controller == "gloo":
         return [*wrapper, os.path.join(bin_dir, "horovodrun"), "--gloo", "--disable-cache",
                 "--network-interface", "eth0", *ranks]
+    # No rank runs beside mpirun here (every rank is on a node, started over ssh), so the
+    # ranks see only what -x names: the numerics variables the uninterrupted run had go
+    # with them. Without them the nodes' OpenBLAS picked other kernels than the reference
+    # (OPENBLAS_CORETYPE), 1e-7 apart per step, grown to 1.6e-3 over 9,000 steps.
+    numerics = sorted(k for k in launcher_env.numerics_env() if k != "OMP_NUM_THREADS")
     mpirun = ["mpirun", *(["--allow-run-as-root"] if os.geteuid() == 0 else []),
               "-bind-to", "none", "-map-by", "slot", "-x", "OMP_NUM_THREADS=1",
+              *[a for name in numerics for a in ("-x", name)],
               *(["-x", "LD_LIBRARY_PATH"] if os.environ.get("LD_LIBRARY_PATH") else []),
               "-x", "PATH", "-x", "PYTHONUNBUFFERED=1", "-x", "PYTHONPATH",
               "-x", "DIST_LM_CHAOS_STEP_S",
